@@ -1,0 +1,392 @@
+"""Load a split of a facial-expression data set as uint8 tensors in memory, decoding images once.
+
+    split = load_split("../shared/data/fer2013", "val")
+    split.images  # uint8 [N, 1, 48, 48]
+    split.labels  # int64 [N], indices into split.classes
+    split.classes # canonical class names, e.g. ['angry', 'disgust', ..., 'surprise']
+
+Sources: a folder with one folder per class (optionally under train/val/test split folders, in any of
+the Kaggle layouts), a FER-2013 CSV file (`fer2013.csv` or `icml_face_data.csv`), or `synthetic`.
+Decoded folders are cached under `.cache/`, keyed by the file list, sizes and modification times.
+"""
+import csv
+import hashlib
+import json
+import os
+import warnings
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.model_selection import train_test_split
+from tqdm import tqdm
+
+import synthetic
+from files import safe_filename, write_atomic
+
+IMAGE_SIZE = 48
+DEFAULT_CACHE_DIR = Path(__file__).resolve().parent / ".cache"
+CACHE_VERSION = 1
+VALIDATION_FRACTION = 0.1
+VALIDATION_SEED = 0  # fixed, so train.py and evaluate.py carve the same validation set
+
+CANONICAL_CLASSES = ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise", "contempt"]
+CLASS_ALIASES = {
+    "anger": "angry", "disgusted": "disgust", "fearful": "fear", "happiness": "happy",
+    "sadness": "sad", "surprised": "surprise", "suprise": "surprise",
+}
+SPLIT_ALIASES = {
+    "train": {"train", "training"},
+    "val": {"val", "valid", "validation", "publictest"},
+    "test": {"test", "testing", "privatetest"},
+}
+# FER-2013 CSV label order (Goodfellow et al. 2013), and its Usage column's split names.
+CSV_CLASSES = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
+CSV_USAGE = {"training": "train", "publictest": "val", "privatetest": "test"}
+
+# PIL only warns between 1x and 2x its pixel limit; decode_image enforces the limit itself.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+class DataError(Exception):
+    """A problem with the user's data, explained in terms of their files."""
+
+
+class Split(NamedTuple):
+    images: torch.Tensor  # uint8 [N, 1, 48, 48]
+    labels: torch.Tensor  # int64 [N]
+    classes: list
+
+
+def canonical_class(name):
+    name = name.strip().lower()
+    return CLASS_ALIASES.get(name, name)
+
+
+def ordered_classes(names):
+    """Known emotions in canonical order, then any others alphabetically."""
+    known = [c for c in CANONICAL_CLASSES if c in names]
+    return known + sorted(set(names) - set(known))
+
+
+def split_name(folder_name):
+    for split, aliases in SPLIT_ALIASES.items():
+        if folder_name.lower() in aliases:
+            return split
+    return None
+
+
+def visible_entries(folder):
+    return sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
+
+
+def unwrap(folder):
+    """Kaggle archives often nest a folder in one of the same name (Training/Training/)."""
+    while True:
+        entries = visible_entries(folder)
+        if len(entries) == 1 and entries[0].is_dir() and entries[0].name.lower() == folder.name.lower():
+            folder = Path(entries[0].path)
+        else:
+            return folder
+
+
+def split_folders(root):
+    """Map split name to folder; a folder of class folders alone is one split, named 'all'."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data path {root} does not exist. Pass --data with a folder of class folders, "
+                        "a FER-2013 CSV file, or 'synthetic'.")
+    if not root.is_dir():
+        raise DataError(f"data path {root} is a file but not a .csv; expected a folder of class folders "
+                        "(angry/, happy/, ...) or a FER-2013 CSV file.")
+    root = unwrap(root)
+    folders = {}
+    for entry in visible_entries(root):
+        if entry.is_dir() and split_name(entry.name):
+            folders[split_name(entry.name)] = unwrap(Path(entry.path))
+    if folders:
+        return folders
+    if not any(entry.is_dir() for entry in visible_entries(root)):
+        raise DataError(f"{root} has no class folders: expected {root}/<class>/<image> "
+                        "(for example angry/, happy/) or split folders train/, val/, test/.")
+    return {"all": root}
+
+
+def class_folders(split_folder):
+    """{canonical class: [folders]} for the class folders that hold at least one entry, and the
+    empty class folders."""
+    found, empty = {}, []
+    for entry in visible_entries(split_folder):
+        if entry.is_dir() and visible_entries(entry.path):
+            found.setdefault(canonical_class(entry.name), []).append(entry.path)
+        elif entry.is_dir():
+            empty.append(entry.path)
+    return found, empty
+
+
+def list_image_files(split_folder, classes):
+    """[(path, size, mtime_ns, class index)] for every file, and the entries that cannot be read."""
+    listing, unreadable = [], []
+    for name, folders in class_folders(split_folder)[0].items():
+        for folder in folders:
+            for entry in visible_entries(folder):
+                try:
+                    stat = entry.stat()  # follows symlinks: a loop or a dangling link fails here
+                    if not entry.is_dir():
+                        listing.append((entry.path, stat.st_size, stat.st_mtime_ns, classes.index(name)))
+                except OSError as error:
+                    unreadable.append(f"{entry.path}: {error.strerror or error}")
+    return listing, unreadable
+
+
+def decode_image(path):
+    """Any image PIL reads, as a 48x48 grayscale uint8 array."""
+    with Image.open(path) as image:
+        if image.width * image.height > Image.MAX_IMAGE_PIXELS:
+            raise ValueError(f"{image.width}x{image.height} exceeds PIL's decompression-bomb limit "
+                             f"of {Image.MAX_IMAGE_PIXELS} pixels")
+        image.draft("L", (IMAGE_SIZE, IMAGE_SIZE))  # JPEG: decode at reduced scale, much faster
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            pixels = np.asarray(image, dtype=np.float32)
+            if pixels.max() > 255:  # 16-bit samples
+                pixels = pixels / 257.0
+            image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+        elif image.mode != "L":
+            image = image.convert("L")
+        if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+            image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+        return np.asarray(image, dtype=np.uint8)
+
+
+def try_decode(path):
+    try:
+        return decode_image(path), None
+    except Exception as error:  # PIL raises many types for bad files; each is a skip, not a crash
+        return None, f"{path}: {type(error).__name__}: {error}"
+
+
+def decode_files(paths, threads, description):
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        results = list(tqdm(pool.map(try_decode, paths, chunksize=64), total=len(paths),
+                            desc=description, unit="img", leave=False, disable=len(paths) < 1000))
+    return results
+
+
+def warn(message):
+    print(f"warning: {message}", flush=True)
+
+
+def report_skipped(skipped, where):
+    for line in skipped[:20]:
+        warn(f"skipped {line}")
+    if len(skipped) > 20:
+        warn(f"... and {len(skipped) - 20} more")
+    if skipped:
+        warn(f"skipped {len(skipped)} unreadable file(s) in {where}")
+
+
+def cache_path(cache_dir, folder, split, key):
+    folder = Path(folder).resolve()
+    folder_id = hashlib.sha256(str(folder).encode()).hexdigest()[:8]
+    return Path(cache_dir) / f"{safe_filename(folder.name, 40)}-{folder_id}-{split}-{key[:16]}.npz"
+
+
+def checksum(images, labels):
+    return zlib.crc32(labels.tobytes(), zlib.crc32(images.tobytes()))
+
+
+def read_cache(path):
+    """The cached arrays, or None (with a warning) when the file is missing, corrupt or stale."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            images, labels = cached["images"], cached["labels"]
+            classes, skipped = cached["classes"].tolist(), cached["skipped"].tolist()
+            if int(cached["checksum"]) != checksum(images, labels) or len(images) != len(labels):
+                raise ValueError("checksum mismatch")
+        return images, labels, classes, skipped
+    except Exception as error:  # a truncated zip raises any of several types
+        warn(f"cache file {path} is corrupt ({type(error).__name__}: {error}); rebuilding it")
+        path.unlink(missing_ok=True)
+        return None
+
+
+def write_cache(path, images, labels, classes, skipped):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(path.name.rsplit("-", 1)[0] + "-*.npz"):
+        stale.unlink(missing_ok=True)
+    write_atomic(path, lambda file: np.savez(
+        file, images=images, labels=labels, classes=np.array(classes, dtype=str),
+        skipped=np.array(skipped, dtype=str), checksum=np.array(checksum(images, labels))))
+
+
+def load_folder_split(folder, classes, split, cache_dir, threads):
+    listing, unreadable = list_image_files(folder, classes)
+    key_source = json.dumps([CACHE_VERSION, IMAGE_SIZE, classes, listing, unreadable]).encode()
+    path = cache_path(cache_dir, folder, split, hashlib.sha256(key_source).hexdigest())
+    cached = read_cache(path)
+    if cached is None:
+        results = decode_files([item[0] for item in listing], threads, f"decoding {folder}")
+        kept = [i for i, (pixels, _) in enumerate(results) if pixels is not None]
+        skipped = unreadable + [error for pixels, error in results if error]
+        if not kept:
+            raise DataError(f"none of the {len(listing)} files in {folder} could be read as an image")
+        images = np.stack([results[i][0] for i in kept])
+        labels = np.array([listing[i][3] for i in kept], dtype=np.int64)
+        write_cache(path, images, labels, classes, skipped)
+    else:
+        images, labels, _, skipped = cached
+    report_skipped(skipped, folder)
+    return images, labels
+
+
+def parse_csv(path):
+    """Every row of a FER-2013 CSV, as (images, labels in CSV order, split names)."""
+    with open(path, newline="", encoding="utf-8-sig") as file:
+        reader = csv.reader(file)
+        header = [name.strip().lower() for name in next(reader, [])]
+        missing = [name for name in ("emotion", "pixels", "usage") if name not in header]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)}; "
+                            "expected a FER-2013 CSV with columns emotion, pixels, Usage")
+        emotion, pixels, usage = (header.index(name) for name in ("emotion", "pixels", "usage"))
+        images, labels, splits = [], [], []
+        for row_number, row in enumerate(reader, start=2):
+            if not any(cell.strip() for cell in row):
+                continue
+            where = f"{path}, row {row_number}"
+            if len(row) != len(header):
+                raise DataError(f"{where}: {len(row)} fields, expected {len(header)}")
+            try:
+                label = int(row[emotion])
+            except ValueError:
+                raise DataError(f"{where}: emotion {row[emotion]!r} is not a whole number") from None
+            if not 0 <= label < len(CSV_CLASSES):
+                raise DataError(f"{where}: emotion {label} is out of range 0..{len(CSV_CLASSES) - 1}")
+            try:
+                values = np.array(row[pixels].split(), dtype=np.int32)
+            except ValueError:
+                raise DataError(f"{where}: pixels must be whole numbers separated by spaces") from None
+            if values.size != IMAGE_SIZE * IMAGE_SIZE or values.min() < 0 or values.max() > 255:
+                raise DataError(f"{where}: expected {IMAGE_SIZE * IMAGE_SIZE} pixel values in 0..255, "
+                                f"got {values.size}")
+            split = CSV_USAGE.get(row[usage].strip().lower())
+            if split is None:
+                raise DataError(f"{where}: Usage {row[usage]!r} is not Training, PublicTest or PrivateTest")
+            images.append(values.astype(np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE))
+            labels.append(label)
+            splits.append(split)
+    if not images:
+        raise DataError(f"{path} has no data rows")
+    return np.stack(images), np.array(labels), np.array(splits)
+
+
+def load_csv_split(path, split, cache_dir):
+    """One split of a FER-2013 CSV; the first call parses the file and caches every split."""
+    stat = path.stat()
+    key_source = json.dumps([CACHE_VERSION, str(path.resolve()), stat.st_size, stat.st_mtime_ns]).encode()
+    key = hashlib.sha256(key_source).hexdigest()
+    cached = read_cache(cache_path(cache_dir, path, split, key))
+    if cached is None:
+        images, csv_labels, splits = parse_csv(path)
+        classes = ordered_classes({CSV_CLASSES[label] for label in set(csv_labels.tolist())})
+        to_index = np.array([classes.index(c) if c in classes else -1 for c in CSV_CLASSES])
+        for name in SPLIT_ALIASES:
+            rows = splits == name
+            write_cache(cache_path(cache_dir, path, name, key), images[rows], to_index[csv_labels[rows]],
+                        classes, [])
+        cached = read_cache(cache_path(cache_dir, path, split, key))
+    images, labels, classes, _ = cached
+    if len(labels) == 0:
+        raise DataError(f"{path} has no {split!r} rows (Usage column)")
+    return images, labels, classes
+
+
+def to_split(images, labels, classes):
+    return Split(torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1),
+                 torch.from_numpy(labels.astype(np.int64)), list(classes))
+
+
+def synthetic_per_class(source, split):
+    """Images per class for 'synthetic' (default sizes) or 'synthetic:N' (N per class in train,
+    N/5 in val and test); None when `source` is not synthetic."""
+    name, _, count = str(source).partition(":")
+    if name != "synthetic":
+        return None
+    if not count:
+        return synthetic.SPLIT_SIZES[split]
+    if not count.isdigit() or int(count) < 5:
+        raise DataError(f"{source}: expected synthetic:N with N, the training images per class, at least 5")
+    return int(count) if split == "train" else int(count) // 5
+
+
+def available_splits(source):
+    if synthetic_per_class(source, "train"):
+        return ["train", "val", "test"]
+    if str(source).lower().endswith(".csv"):
+        return sorted(set(CSV_USAGE.values()))  # checked against the rows when loaded
+    return list(split_folders(source))
+
+
+def load_split(source, split, cache_dir=DEFAULT_CACHE_DIR, threads=None):
+    """Load one split ('train', 'val' or 'test') of `source` as a Split of in-memory tensors."""
+    if split not in SPLIT_ALIASES:
+        raise ValueError(f"split must be one of {', '.join(SPLIT_ALIASES)}, not {split!r}")
+    per_class = synthetic_per_class(source, split)
+    if per_class:
+        return to_split(*synthetic.render_split(split, per_class))
+    if str(source).lower().endswith(".csv") and Path(source).is_file():
+        return to_split(*load_csv_split(Path(source), split, cache_dir))
+    folders = split_folders(source)
+    if split not in folders and "all" not in folders:
+        raise DataError(f"{source} has no {split!r} split folder; it has {', '.join(folders)}")
+    classes = dataset_classes(folders)
+    folder = folders.get(split, folders.get("all"))
+    images, labels = load_folder_split(folder, classes, split, cache_dir, threads or os.cpu_count())
+    return to_split(images, labels, classes)
+
+
+def dataset_classes(folders):
+    """The union of non-empty class folders over all splits, so every split shares one index."""
+    names = set()
+    for folder in folders.values():
+        found, empty = class_folders(folder)
+        names |= set(found)
+        for path in empty:
+            warn(f"class folder {path} is empty; leaving it out")
+    if not names:
+        raise DataError(f"no class folder under {', '.join(map(str, folders.values()))} holds any file")
+    return ordered_classes(names)
+
+
+def carve_validation(split, fraction=VALIDATION_FRACTION, seed=VALIDATION_SEED):
+    """A stratified, seeded split of `split` into (train, validation)."""
+    indices = np.arange(len(split.labels))
+    labels = split.labels.numpy()
+    try:
+        train_idx, val_idx = train_test_split(indices, test_size=fraction, random_state=seed, stratify=labels)
+    except ValueError:  # a class with a single image cannot be stratified
+        train_idx, val_idx = train_test_split(indices, test_size=fraction, random_state=seed)
+    return subset(split, np.sort(train_idx)), subset(split, np.sort(val_idx))
+
+
+def subset(split, indices):
+    return Split(split.images[indices], split.labels[indices], split.classes)
+
+
+def load_train_val(source, cache_dir=DEFAULT_CACHE_DIR, threads=None):
+    """Training and validation splits; validation is carved from train when the data has none."""
+    train = load_split(source, "train", cache_dir, threads)
+    if "val" in available_splits(source):
+        try:
+            return train, load_split(source, "val", cache_dir, threads)
+        except DataError as error:
+            if not str(source).lower().endswith(".csv"):
+                raise
+            warn(f"{error}; carving validation from train instead")
+    return carve_validation(train)
