@@ -23,7 +23,8 @@ def random_affine(batch, generator, hflip, vflip, rotation, crop_scale):
     """[B, 2, 3] matrices mapping output to input coordinates in [-1, 1]."""
     device = generator.device
     area = uniform(crop_scale, 1.0, batch, generator, device)
-    log_ratio = uniform(math.log(3 / 4), math.log(4 / 3), batch, generator, device)
+    max_log_ratio = math.log(4 / 3) if crop_scale < 1 else 0.0  # no crop: keep the aspect ratio too
+    log_ratio = uniform(-max_log_ratio, max_log_ratio, batch, generator, device)
     width = torch.sqrt(area * log_ratio.exp()).clamp(max=1.0)
     height = torch.sqrt(area / log_ratio.exp()).clamp(max=1.0)
     center_x = uniform(-1.0, 1.0, batch, generator, device) * (1 - width)

@@ -29,7 +29,7 @@ import synthetic
 from files import safe_filename, write_atomic
 
 IMAGE_SIZE = 48
-DEFAULT_CACHE_DIR = Path(__file__).resolve().parent / ".cache"
+DEFAULT_CACHE_DIR = Path(os.environ.get("FER_CACHE_DIR", Path(__file__).resolve().parent / ".cache"))
 CACHE_VERSION = 1
 VALIDATION_FRACTION = 0.1
 VALIDATION_SEED = 0  # fixed, so train.py and evaluate.py carve the same validation set
@@ -109,7 +109,7 @@ def split_folders(root):
         if entry.is_dir() and split_name(entry.name):
             folders[split_name(entry.name)] = unwrap(Path(entry.path))
     if folders:
-        return folders
+        return {split: folders[split] for split in SPLIT_ALIASES if split in folders}
     if not any(entry.is_dir() for entry in visible_entries(root)):
         raise DataError(f"{root} has no class folders: expected {root}/<class>/<image> "
                         "(for example angry/, happy/) or split folders train/, val/, test/.")
@@ -147,7 +147,7 @@ def decode_image(path):
     """Any image PIL reads, as a 48x48 grayscale uint8 array."""
     with Image.open(path) as image:
         if image.width * image.height > Image.MAX_IMAGE_PIXELS:
-            raise ValueError(f"{image.width}x{image.height} exceeds PIL's decompression-bomb limit "
+            raise ValueError(f"{image.width}x{image.height} exceeds PIL's decompression bomb limit "
                              f"of {Image.MAX_IMAGE_PIXELS} pixels")
         image.draft("L", (IMAGE_SIZE, IMAGE_SIZE))  # JPEG: decode at reduced scale, much faster
         if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
@@ -227,9 +227,13 @@ def write_cache(path, images, labels, classes, skipped):
 
 def load_folder_split(folder, classes, split, cache_dir, threads):
     listing, unreadable = list_image_files(folder, classes)
-    key_source = json.dumps([CACHE_VERSION, IMAGE_SIZE, classes, listing, unreadable]).encode()
+    # Paths relative to the folder: the same data reached by another path shares the cache.
+    relative = [(os.path.relpath(path, folder), size, mtime, label) for path, size, mtime, label in listing]
+    key_source = json.dumps([CACHE_VERSION, IMAGE_SIZE, classes, relative, len(unreadable)]).encode()
     path = cache_path(cache_dir, folder, split, hashlib.sha256(key_source).hexdigest())
     cached = read_cache(path)
+    if not listing:
+        raise DataError(f"{folder} holds no files in its class folders; expected {folder}/<class>/<image>")
     if cached is None:
         results = decode_files([item[0] for item in listing], threads, f"decoding {folder}")
         kept = [i for i, (pixels, _) in enumerate(results) if pixels is not None]
@@ -333,8 +337,9 @@ def available_splits(source):
     return list(split_folders(source))
 
 
-def load_split(source, split, cache_dir=DEFAULT_CACHE_DIR, threads=None):
+def load_split(source, split, cache_dir=None, threads=None):
     """Load one split ('train', 'val' or 'test') of `source` as a Split of in-memory tensors."""
+    cache_dir = cache_dir or DEFAULT_CACHE_DIR
     if split not in SPLIT_ALIASES:
         raise ValueError(f"split must be one of {', '.join(SPLIT_ALIASES)}, not {split!r}")
     per_class = synthetic_per_class(source, split)
@@ -379,7 +384,7 @@ def subset(split, indices):
     return Split(split.images[indices], split.labels[indices], split.classes)
 
 
-def load_train_val(source, cache_dir=DEFAULT_CACHE_DIR, threads=None):
+def load_train_val(source, cache_dir=None, threads=None):
     """Training and validation splits; validation is carved from train when the data has none."""
     train = load_split(source, "train", cache_dir, threads)
     if "val" in available_splits(source):

@@ -83,6 +83,9 @@ def align_classes(split, model_classes):
     if unknown:
         print(f"note: the model knows no class {', '.join(unknown)}: left out {int((~keep).sum())} of "
               f"{len(keep)} images")
+    if not keep.any():
+        sys.exit(f"error: none of the data's classes ({', '.join(split.classes)}) is known to the model "
+                 f"({', '.join(model_classes)}); evaluate it on data with those classes.")
     labels = np.array([to_model[int(label)] for label in split.labels[keep]], dtype=np.int64)
     return split.images[torch.from_numpy(keep)], labels, int((~keep).sum())
 

@@ -133,3 +133,16 @@ def model_from_checkpoint(checkpoint, device="cpu"):
     model = build_model(checkpoint["model_name"], len(checkpoint["classes"]))
     model.load_state_dict(checkpoint["model"])
     return model.to(device).eval()
+
+
+def size_table(num_classes=7):
+    """A markdown table of every registered model's parameters and multiply-adds per image."""
+    lines = ["| model | parameters | multiply-adds per 48x48 image |", "| --- | ---: | ---: |"]
+    for name in MODELS:
+        size = describe_model(build_model(name, num_classes))
+        lines.append(f"| {name} | {size['parameters'] / 1e6:.2f} M | {size['macs'] / 1e6:.0f} M |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(size_table())

@@ -168,6 +168,11 @@ def plot_curves(run_dir, metrics, title):
     plt.close(figure)
 
 
+def divergence_message(name, what, lr, run_dir):
+    return (f"error: {name}: the {what}. Kept {run_dir / 'last.pt'} from the last good epoch. The learning "
+            f"rate {lr:g} is likely too high: try --lr {lr / 3:.2g}, or --precision fp32.")
+
+
 def rng_state(device, generator):
     state = {"torch": torch.get_rng_state(), "augment": generator.get_state()}
     if device.type == "cuda":
@@ -238,6 +243,8 @@ def train_model(name, args, train, val, run_dir, checkpoint):
     print(f"{name}: {size['parameters'] / 1e6:.2f} M parameters, {size['macs'] / 1e6:.0f} M multiply-adds "
           f"per image; {device.type}, {precision}, {len(train.labels)} training images")
     check_writable(run_dir, size["parameters"])
+    for leftover in run_dir.glob(".*.tmp"):  # from a run killed while writing a file
+        leftover.unlink()
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 nesterov=args.nesterov and args.momentum > 0, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -254,6 +261,9 @@ def train_model(name, args, train, val, run_dir, checkpoint):
         scaler.load_state_dict(checkpoint["scaler"])
         restore_rng(checkpoint["rng"], device, generator)
         progress, metrics = checkpoint["progress"], checkpoint["metrics"]
+        if args.lr != checkpoint["config"]["lr"]:  # an --lr given with --resume replaces the current rate
+            for group in optimizer.param_groups:
+                group["lr"] = args.lr
         print(f"{name}: resuming at epoch {progress['epoch'] + 1}, batch {progress['batch']}")
     write_text_atomic(run_dir / "config.json", json.dumps({
         **vars(args), "model_name": name, "classes": train.classes, "size": size, "device": str(device),
@@ -290,9 +300,8 @@ def train_model(name, args, train, val, run_dir, checkpoint):
                 loss = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
-                sys.exit(f"error: {name}: the loss became {loss_value} at epoch {epoch + 1}, batch {batch + 1}. "
-                         f"Kept {run_dir / 'last.pt'} from the last good epoch. The learning rate {lr:g} is "
-                         f"likely too high: try --lr {lr / 3:.2g}, or --precision fp32.")
+                sys.exit(divergence_message(name, f"loss became {loss_value} at epoch {epoch + 1}, batch {batch + 1}",
+                                            lr, run_dir))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -312,6 +321,9 @@ def train_model(name, args, train, val, run_dir, checkpoint):
         bar.close()
         seconds = time.perf_counter() - started
         val_loss, val_acc = evaluate_split(model, val_images, val_labels, device, precision, args.channels_last)
+        if not math.isfinite(val_loss):  # weights can overflow even while the batch losses stay finite
+            sys.exit(divergence_message(name, f"validation loss became {val_loss} at epoch {epoch + 1}, "
+                                        f"batch {batches}", lr, run_dir))
         metrics.append({"epoch": epoch + 1, "train_loss": round(progress["loss_sum"] / progress["seen"], 5),
                         "train_acc": round(progress["correct"] / progress["seen"], 5),
                         "val_loss": round(val_loss, 5), "val_acc": round(val_acc, 5), "lr": lr,

@@ -1,0 +1,146 @@
+"""predict.py: face detection, cropping, ensemble prediction, output formats and annotated copies."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import predict
+import synthetic
+from conftest import SHARED_FER
+
+
+def synthetic_face_on_canvas(path, size=(320, 240), face_size=144, seed=0):
+    """A synthetic 48x48 face scaled up and pasted on a larger, darker background."""
+    face = Image.fromarray(synthetic.render_split("test", 1, seed=seed)[0][0]).resize((face_size, face_size))
+    canvas = Image.new("L", size, 40)
+    canvas.paste(face, ((size[0] - face_size) // 2, (size[1] - face_size) // 2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def faceless_image(path, size=(320, 240)):
+    """A horizontal gradient with noise: texture for the cascade to scan, and no face in it."""
+    rng = np.random.default_rng(0)
+    gradient = np.tile(np.linspace(30, 220, size[0]), (size[1], 1))
+    pixels = np.clip(gradient + rng.normal(0, 12, gradient.shape), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def json_records(text):
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def ensemble_file(trained_runs):
+    return str(trained_runs / "evaluation" / "ensemble.json")
+
+
+def test_no_detect_json_is_well_formed(tmp_path, ensemble_file, capsys):
+    image = synthetic_face_on_canvas(tmp_path / "face.png")
+    records = predict.main([str(image), "--no-detect", "--json", "--ensemble", ensemble_file, "--top-k", "3"])
+    printed = json_records(capsys.readouterr().out)
+    assert printed == records and len(printed) == 1
+    record = printed[0]
+    assert record["image"] == str(image)
+    (face,) = record["faces"]
+    assert face["box"] == [0, 0, 320, 240]  # the whole image is the face
+    assert len(face["top"]) == 3
+    assert set(face["probabilities"]) == set(synthetic.CLASSES)
+    assert sum(face["probabilities"].values()) == pytest.approx(1, abs=1e-3)
+    tops = [t["probability"] for t in face["top"]]
+    assert tops == sorted(tops, reverse=True) and tops[0] == max(face["probabilities"].values())
+
+
+def test_plain_checkpoints_match_a_single_model(tmp_path, trained_runs, capsys):
+    image = synthetic_face_on_canvas(tmp_path / "face.png", seed=3)
+    checkpoint = str(trained_runs / "model_x" / "best.pt")
+    (record,) = predict.main([str(image), "--no-detect", "--json", "--checkpoints", checkpoint])
+    member = predict.Predictor([(Path(checkpoint), 1.0)], "none", "cpu", "auto")
+    direct = member.probabilities(predict.crop_face(np.asarray(Image.open(image)), (0, 0, 320, 240), 0)[None])
+    assert list(record["faces"][0]["probabilities"].values()) == pytest.approx(direct[0].tolist(), abs=1e-3)
+
+
+def test_real_face_is_detected():
+    folder = SHARED_FER / "val" / "happy"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is not on this machine")
+    cascade = predict.load_cascade()
+    region = (100, 60, 192, 192)  # where each 48x48 FER face goes, scaled 4x
+    found = []
+    for path in sorted(folder.iterdir())[:5]:
+        canvas = Image.new("L", (400, 320), 128)
+        canvas.paste(Image.open(path).convert("L").resize(region[2:], Image.Resampling.BILINEAR), region[:2])
+        boxes = predict.detect_faces(np.asarray(canvas), cascade)
+        found.append(any(overlap(box, region) > 0.4 for box in boxes))
+    assert any(found), "the cascade found none of 5 FER-2013 faces scaled up 4x"
+
+
+def overlap(a, b):
+    """Intersection over union of two (x, y, w, h) boxes."""
+    width = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    height = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    inter = max(0, width) * max(0, height)
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+def test_no_face_is_reported(tmp_path, ensemble_file, capsys):
+    image = faceless_image(tmp_path / "gradient.png")
+    assert predict.detect_faces(np.asarray(Image.open(image)), predict.load_cascade()) == []
+    (record,) = predict.main([str(image), "--json", "--ensemble", ensemble_file])
+    assert record["faces"] == [] and "no face" in record["note"]
+    assert json_records(capsys.readouterr().out) == [record]
+
+
+def test_annotated_copy_is_written_inside_out(tmp_path, ensemble_file, capsys):
+    image = synthetic_face_on_canvas(tmp_path / "in" / "my photo (1).png")
+    out = tmp_path / "annotated"
+    (record,) = predict.main([str(image), "--no-detect", "--out", str(out), "--ensemble", ensemble_file])
+    written = list(out.iterdir())
+    assert [p.name for p in written] == ["my_photo__1_.png"] and Path(record["annotated"]) == written[0]
+    with Image.open(written[0]) as annotated:
+        assert annotated.size == (320, 240) and annotated.mode == "RGB"
+        # the box is drawn in red on a gray picture
+        pixels = np.asarray(annotated, dtype=np.int16)
+        assert (pixels[..., 0] > pixels[..., 1] + 100).any()
+    assert "face 1" in capsys.readouterr().out  # the terminal table
+
+
+def test_folder_with_non_image_files(tmp_path, ensemble_file, capsys):
+    folder = tmp_path / "photos"
+    synthetic_face_on_canvas(folder / "a.png")
+    synthetic_face_on_canvas(folder / "nested" / "b.jpg", seed=1)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    records = predict.main([str(folder), "--no-detect", "--ensemble", ensemble_file])  # no SystemExit: exit 0
+    assert [Path(r["image"]).name for r in records] == ["a.png", "b.jpg"]
+    captured = capsys.readouterr()
+    assert "skipped 2 file(s)" in captured.err and "Traceback" not in captured.err
+    assert str(folder / "a.png") in captured.out
+
+
+def test_missing_models_name_where_they_were_looked_for(tmp_path, monkeypatch):
+    image = synthetic_face_on_canvas(tmp_path / "face.png")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        predict.main([str(image)])
+    assert "runs/evaluation/ensemble.json" in str(stop.value) and "python train.py" in str(stop.value)
+
+
+def test_ensemble_members_found_from_the_ensemble_folder(tmp_path, trained_runs, monkeypatch):
+    """evaluate.py records the checkpoint paths it was given; relative ones must still resolve
+    when predict.py runs from elsewhere."""
+    record = json.loads((trained_runs / "evaluation" / "ensemble.json").read_text())
+    for member in record["members"]:
+        member["path"] = str(Path(member["path"]).relative_to(trained_runs.parent))
+    moved = trained_runs / "evaluation" / "relative.json"
+    moved.write_text(json.dumps(record))
+    monkeypatch.chdir(tmp_path)
+    members, tta = predict.resolve_members(ensemble_file=str(moved))
+    assert tta == record["tta"]
+    assert all(path.is_file() for path, _ in members)
+    assert sum(weight for _, weight in members) == pytest.approx(1)

@@ -1,0 +1,119 @@
+"""models.py and train.py: shapes, the registry, a short real training run, checkpoints, resume."""
+import csv
+import itertools
+
+import pytest
+import torch
+from conftest import QUICK_TRAINING
+
+import models
+import train
+
+
+@pytest.mark.parametrize("name", list(models.MODELS))
+def test_model_output_shape_and_size(name):
+    model = models.build_model(name, 6).eval()
+    assert model(torch.rand(5, 1, 48, 48)).shape == (5, 6)
+    size = models.describe_model(model)
+    assert size["parameters"] > 10_000 and size["macs"] > size["parameters"]
+
+
+def test_model_y_is_cheaper_than_model_x():
+    x, y = (models.describe_model(models.build_model(n, 7)) for n in ("model_x", "model_y"))
+    assert y["macs"] < x["macs"]
+
+
+def test_unknown_model_lists_known_ones():
+    with pytest.raises(ValueError, match="known models: model_x, model_y"):
+        models.build_model("resnet", 7)
+
+
+def test_help_lists_every_flag_with_its_default(capsys):
+    parser = train.build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert any(option in text for option in action.option_strings), action.dest
+        assert action.help and action.help in text
+    assert text.count("(default:") == len(parser._actions) - 1
+
+
+def run(tmp_path, *extra, epochs=1, data="synthetic:20", models_=("model_x",)):
+    train.main(["--data", data, "--epochs", str(epochs), "--out", str(tmp_path), "--models", *models_,
+                *QUICK_TRAINING, *extra])
+    return tmp_path / models_[0]
+
+
+def test_short_training_beats_chance_clearly(tmp_path):
+    run_dir = run(tmp_path, epochs=6, data="synthetic:100")
+    with open(run_dir / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 7))
+    best = max(float(r["val_acc"]) for r in rows)
+    assert best > 2 / 7, f"best validation accuracy {best:.3f} is not clearly above chance (1/7)"
+    assert float(rows[0]["val_acc"]) < 0.9  # the task is not trivial
+    assert (run_dir / "curves.png").stat().st_size > 5000
+
+
+def test_checkpoints_load_with_weights_only_and_hold_the_run(tmp_path):
+    run_dir = run(tmp_path, epochs=2)
+    for name in ("last.pt", "best.pt"):
+        checkpoint = torch.load(run_dir / name, weights_only=True)
+        assert checkpoint["model_name"] == "model_x" and len(checkpoint["classes"]) == 7
+        assert {"model", "optimizer", "scheduler", "rng", "config", "metrics", "progress"} <= set(checkpoint)
+        assert checkpoint["config"]["seed"] == 0
+    assert torch.load(run_dir / "last.pt", weights_only=True)["progress"]["epoch"] == 2
+    model = models.model_from_checkpoint(torch.load(run_dir / "best.pt", weights_only=True))
+    assert model(torch.rand(2, 1, 48, 48)).shape == (2, 7)
+    assert (run_dir / "config.json").exists()
+
+
+def final_weights(run_dir):
+    return torch.load(run_dir / "last.pt", weights_only=True)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_after_whole_epochs_matches_uninterrupted_run(tmp_path):
+    whole = run(tmp_path / "whole", epochs=3)
+    split = run(tmp_path / "split", epochs=1)
+    train.main(["--resume", "--out", str(tmp_path / "split"), "--models", "model_x", "--epochs", "3"])
+    assert_same_weights(final_weights(whole), final_weights(split))
+    with open(split / "metrics.csv") as file:
+        assert [int(r["epoch"]) for r in csv.DictReader(file)] == [1, 2, 3]
+
+
+def test_interrupt_mid_epoch_saves_and_resume_matches(tmp_path, monkeypatch, capsys):
+    whole = run(tmp_path / "whole", epochs=2)
+    real_augment = train.augment.augment_batch
+    calls = itertools.count()
+
+    def augment_then_interrupt(*args, **kwargs):
+        if next(calls) == 6:  # 5 batches an epoch: as if Ctrl-C arrived during batch 2 of epoch 2
+            train.stop_requested.set()
+        return real_augment(*args, **kwargs)
+
+    monkeypatch.setattr(train.augment, "augment_batch", augment_then_interrupt)
+    with pytest.raises(SystemExit) as stopped:
+        run(tmp_path / "cut", epochs=2)
+    assert stopped.value.code == 130 and "--resume" in capsys.readouterr().out
+    monkeypatch.undo()
+    train.stop_requested.clear()
+    progress = torch.load(tmp_path / "cut" / "model_x" / "last.pt", weights_only=True)["progress"]
+    assert (progress["epoch"], progress["batch"]) == (1, 2)
+    train.main(["--resume", "--out", str(tmp_path / "cut"), "--models", "model_x"])
+    assert_same_weights(final_weights(whole), final_weights(tmp_path / "cut" / "model_x"))
+
+
+def test_existing_run_is_not_overwritten_by_accident(tmp_path):
+    run(tmp_path)
+    with pytest.raises(SystemExit, match="already holds a run"):
+        run(tmp_path)
+    run(tmp_path, "--overwrite")
