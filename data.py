@@ -48,7 +48,7 @@ SPLIT_ALIASES = {
 CSV_CLASSES = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
 CSV_USAGE = {"training": "train", "publictest": "val", "privatetest": "test"}
 
-# PIL only warns between 1x and 2x its pixel limit; decode_image enforces the limit itself.
+# PIL only warns between 1x and 2x its pixel limit; check_pixel_limit enforces the limit itself.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
@@ -143,20 +143,29 @@ def list_image_files(split_folder, classes):
     return listing, unreadable
 
 
+def check_pixel_limit(image):
+    """PIL only warns between 1x and 2x its decompression-bomb limit; enforce the limit itself."""
+    if image.width * image.height > Image.MAX_IMAGE_PIXELS:
+        raise ValueError(f"{image.width}x{image.height} exceeds PIL's decompression bomb limit "
+                         f"of {Image.MAX_IMAGE_PIXELS} pixels")
+
+
+def to_grayscale(image):
+    """An 8-bit grayscale ('L') copy of any PIL image, 16-bit samples scaled rather than clipped."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        pixels = np.asarray(image, dtype=np.float32)
+        if pixels.max() > 255:
+            pixels = pixels / 257.0
+        return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    return image if image.mode == "L" else image.convert("L")
+
+
 def decode_image(path):
     """Any image PIL reads, as a 48x48 grayscale uint8 array."""
     with Image.open(path) as image:
-        if image.width * image.height > Image.MAX_IMAGE_PIXELS:
-            raise ValueError(f"{image.width}x{image.height} exceeds PIL's decompression bomb limit "
-                             f"of {Image.MAX_IMAGE_PIXELS} pixels")
+        check_pixel_limit(image)
         image.draft("L", (IMAGE_SIZE, IMAGE_SIZE))  # JPEG: decode at reduced scale, much faster
-        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-            pixels = np.asarray(image, dtype=np.float32)
-            if pixels.max() > 255:  # 16-bit samples
-                pixels = pixels / 257.0
-            image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-        elif image.mode != "L":
-            image = image.convert("L")
+        image = to_grayscale(image)
         if image.size != (IMAGE_SIZE, IMAGE_SIZE):
             image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
         return np.asarray(image, dtype=np.uint8)

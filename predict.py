@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 import ensemble
-from data import IMAGE_SIZE
+from data import IMAGE_SIZE, check_pixel_limit, to_grayscale
 from evaluate import TTA_CHOICES, load_members, predict_probs
 from files import safe_filename, write_atomic
 from models import default_threads, pick_device, resolve_precision
@@ -28,7 +28,6 @@ MIN_FACE_FRACTION, MIN_FACE_PIXELS = 0.1, 24
 DETECT_MAX_SIDE = 1280  # the cascade's time grows with pixels; faces this tool cares about survive it
 CHUNK_IMAGES = 64  # images decoded and held at once; their faces go through the models together
 SMALL_IMAGE_HINT = "; if this small image is an already-cropped face, pass --no-detect"
-HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
 
 
 def positive_int(text):
@@ -58,7 +57,8 @@ def build_parser():
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto: bf16 autocast on CPU and recent GPUs")
-    p.add_argument("--threads", type=positive_int, default=default_threads(), help="CPU threads")
+    p.add_argument("--threads", type=positive_int, default=default_threads(),
+                   help="CPU threads; on a busy machine 1 is often much faster for a few faces")
     return p
 
 
@@ -166,15 +166,10 @@ def crop_face(gray, box, margin=MARGIN):
 def open_image(path):
     """(the image upright, its grayscale pixels as uint8 [H, W]); any decoding error propagates."""
     with Image.open(path) as image:
-        if image.width * image.height > Image.MAX_IMAGE_PIXELS:
-            raise ValueError(f"{image.width}x{image.height} exceeds PIL's decompression-bomb limit")
+        check_pixel_limit(image)
         image = ImageOps.exif_transpose(image)  # phone photos are stored sideways; the cascade wants them upright
         image.load()
-    if image.mode in HIGH_BIT_MODES:
-        pixels = np.asarray(image, dtype=np.float32)
-        pixels = pixels / 257.0 if pixels.max() > 255 else pixels  # 16-bit samples
-        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-    return image, np.asarray(image.convert("L"), dtype=np.uint8)
+    return image, np.asarray(to_grayscale(image), dtype=np.uint8)
 
 
 def find_images(inputs, skip_folder=None):
