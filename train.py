@@ -63,7 +63,7 @@ def build_parser():
     p.add_argument("--resume", action="store_true",
                    help="continue each model's run from its last.pt; flags you pass override its saved ones")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run instead of refusing")
-    p.add_argument("--epochs", type=positive(int), default=40, help="maximum number of epochs")
+    p.add_argument("--epochs", type=positive(int), default=60, help="maximum number of epochs")
     p.add_argument("--batch-size", type=positive(int), default=128, help="training batch size")
     p.add_argument("--lr", type=positive(float), default=0.03, help="initial SGD learning rate")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
@@ -142,6 +142,27 @@ def evaluate_split(model, images, labels, device, precision, channels_last, batc
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
     return loss_sum / len(labels), correct / len(labels)
+
+
+def build_optimizer(model, args):
+    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                           nesterov=args.nesterov and args.momentum > 0, weight_decay=args.weight_decay)
+
+
+def train_step(model, optimizer, scaler, x, y, device, precision, label_smoothing):
+    """One SGD step on a batch: (loss, correct predictions). A loss that is not finite is returned
+    before any weight changes, so the caller can stop with the last good weights intact."""
+    with autocast(device, precision):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        return loss_value, 0
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss_value, (logits.argmax(1) == y).sum().item()
 
 
 def write_metrics(run_dir, metrics):
@@ -245,8 +266,7 @@ def train_model(name, args, train, val, run_dir, checkpoint):
     check_writable(run_dir, size["parameters"])
     for leftover in run_dir.glob(".*.tmp"):  # from a run killed while writing a file
         leftover.unlink()
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                nesterov=args.nesterov and args.momentum > 0, weight_decay=args.weight_decay)
+    optimizer = build_optimizer(model, args)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, factor=args.plateau_factor, patience=args.plateau_patience, min_lr=args.min_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -295,19 +315,12 @@ def train_model(name, args, train, val, run_dir, checkpoint):
             x = augment.augment_batch(images[index].float().div_(255), generator, **augmentation)
             x = x.contiguous(memory_format=memory_format)
             y = labels[index]
-            with autocast(device, precision):
-                logits = model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
-            loss_value = loss.item()
+            loss_value, correct = train_step(model, optimizer, scaler, x, y, device, precision, args.label_smoothing)
             if not math.isfinite(loss_value):
                 sys.exit(divergence_message(name, f"loss became {loss_value} at epoch {epoch + 1}, batch {batch + 1}",
                                             lr, run_dir))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
             progress["loss_sum"] += loss_value * len(y)
-            progress["correct"] += (logits.argmax(1) == y).sum().item()
+            progress["correct"] += correct
             progress["seen"] += len(y)
             progress["batch"] = batch + 1
             if batch % 10 == 0:

@@ -8,24 +8,16 @@ It trains nothing: it times already-trained checkpoints on synthetic faces paste
 background, prints a markdown table, and writes the figures to --out as JSON.
 """
 import argparse
-import json
-import os
-import platform
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import machine, publish, timings
 
-import predict  # noqa: E402  (after the repository is on the path)
+import predict  # noqa: E402  (common put the repository on the path)
 import synthetic  # noqa: E402
 from evaluate import TTA_CHOICES  # noqa: E402
-from files import write_text_atomic  # noqa: E402
 from models import default_threads  # noqa: E402
 
 IMAGE_SIZE = (640, 480)
@@ -67,26 +59,8 @@ def scenes(count, seed=0):
     return images, boxes
 
 
-def median_ms(function, repeats, warmup=3):
-    for _ in range(warmup):  # first calls pay for allocator growth and kernel selection
-        function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
-def machine():
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as file:
-            name = next((line.split(":", 1)[1].strip() for line in file if line.startswith("model name")), name)
-    except OSError:
-        pass
-    return {"processor": name, "cpu_count": os.cpu_count(), "usable_cpus": default_threads(),
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
+def median_ms(function, repeats, warm=3):
+    return 1000 * statistics.median(timings(function, repeats, warm))
 
 
 def measure(predictor, cascade, images, boxes, repeats):
@@ -147,11 +121,7 @@ def main(argv=None):
               "precision": predictor.precision, "tta": predictor.tta, "models": [str(p) for p in predictor.paths],
               "weights": predictor.weights.tolist(), "faces": args.faces, "repeats": args.repeats,
               "figures": {k: round(v, 3) for k, v in figures.items()}}
-    print(markdown(result))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.out, json.dumps(result, indent=2))
-    print(f"\nwrote {args.out}")
-    return result
+    return publish(result, markdown(result), args.out)
 
 
 if __name__ == "__main__":

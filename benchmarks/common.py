@@ -1,0 +1,48 @@
+"""What every benchmark script shares: a description of the machine, call timing, and writing results."""
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the benchmarks import the repository's modules
+
+from files import write_text_atomic  # noqa: E402  (after the repository is on the path)
+from models import default_threads  # noqa: E402
+
+
+def machine():
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as file:
+            name = next((line.split(":", 1)[1].strip() for line in file if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return {"processor": name, "cpu_count": os.cpu_count(), "usable_cpus": default_threads(),
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
+
+
+def timings(function, repeats, warm=1):
+    """Seconds taken by each of `repeats` calls, after `warm` untimed ones (first calls pay for
+    allocator growth and kernel selection)."""
+    for _ in range(warm):
+        function()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def publish(result, table, out):
+    """Print the markdown table and write the figures as JSON to `out`."""
+    print(table)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, json.dumps(result, indent=2))
+    print(f"\nwrote {out}")
+    return result
