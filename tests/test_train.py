@@ -117,3 +117,11 @@ def test_existing_run_is_not_overwritten_by_accident(tmp_path):
     with pytest.raises(SystemExit, match="already holds a run"):
         run(tmp_path)
     run(tmp_path, "--overwrite")
+
+
+def test_cosine_schedule_falls_from_lr_to_min_lr(tmp_path):
+    run_dir = run(tmp_path, "--schedule", "cosine", "--min-lr", "0.001", epochs=3, models_=("model_y",))
+    with open(run_dir / "metrics.csv") as file:
+        rates = [float(r["lr"]) for r in csv.DictReader(file)]
+    # QUICK_TRAINING's --lr 0.01; cosine over 3 epochs: full rate, halfway, a quarter of the way from the floor
+    assert rates == pytest.approx([0.01, 0.001 + 0.009 * 0.75, 0.001 + 0.009 * 0.25])
