@@ -98,7 +98,7 @@ def pick_device(name="auto"):
 
 
 def resolve_precision(precision, device):
-    """`auto` is bf16 on CPU (about twice fp32's speed on AVX-512 cores) and on CUDA GPUs that
+    """`auto` is bf16 on CPU (2.5-3x fp32's training speed on AVX-512 cores, benchmarks/speed.py) and on CUDA GPUs that
     support it, fp16 on older CUDA GPUs, and fp32 elsewhere."""
     if precision != "auto":
         return precision
