@@ -98,8 +98,8 @@ def pick_device(name="auto"):
 
 
 def resolve_precision(precision, device):
-    """`auto` is bf16 on CPU (2.5-3x fp32's training speed on AVX-512 cores, benchmarks/speed.py) and on CUDA GPUs that
-    support it, fp16 on older CUDA GPUs, and fp32 elsewhere."""
+    """`auto` is bf16 on CPU (2.5-3x fp32's training speed on AVX-512 cores, by benchmarks/speed.py)
+    and on CUDA GPUs that support it, fp16 on older CUDA GPUs, and fp32 elsewhere."""
     if precision != "auto":
         return precision
     if device.type == "cpu":

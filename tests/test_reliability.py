@@ -197,6 +197,16 @@ def test_corrupt_cache_with_valid_zip_is_detected(tmp_path, capsys):
     assert "checksum mismatch" in capsys.readouterr().out
 
 
+def test_truncated_cache_is_detected_and_rebuilt(tmp_path, capsys):
+    root = write_class_tree(tmp_path / "d", ["happy", "sad"])
+    first = data.load_split(root, "train", cache_dir=tmp_path / "cache")
+    path = next((tmp_path / "cache").glob("*.npz"))
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    assert torch.equal(data.load_split(root, "train", cache_dir=tmp_path / "cache").images, first.images)
+    assert f"cache file {path} is corrupt" in capsys.readouterr().out
+    assert data.read_cache(path) is not None  # rebuilt whole
+
+
 def start_training(out, resume, epochs):
     """train.py in a subprocess, returned once it has loaded its data (its first output line)."""
     # --min-lr 0: the learning rate never reaches its floor, so no early stop cuts the run short.
