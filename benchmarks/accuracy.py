@@ -49,13 +49,13 @@ def training_summary(run_dir):
             "best_epoch_val_acc": max(float(r["val_acc"]) for r in rows)}
 
 
-def markdown_table(settings, machine):
-    lines = [f"FER-2013 validation (the PublicTest rows), train.py's default recipe, on {machine}", "",
+def markdown_table(settings, where):
+    lines = [f"FER-2013 validation (the PublicTest rows), train.py's default recipe, on {where}", "",
              "| classes | model | val acc | val acc, flip TTA | val acc, ten-crop TTA | macro-F1 (ten-crop) "
              "| train min | wall min | epochs |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for classes, setting in settings.items():
-        for name, r in setting["results"].items():
+    for classes, results in settings.items():
+        for name, r in results.items():
             minutes = f"{r['train_minutes']:.1f}" if "train_minutes" in r else ""
             wall = f"{r['wall_minutes']:.1f}" if "wall_minutes" in r else ""
             lines.append(f"| {classes} | {name} | {100 * r['none']:.2f}% | {100 * r['flip']:.2f}% | "
@@ -67,7 +67,7 @@ def markdown_table(settings, machine):
 
 
 def benchmark(classes, args, out):
-    """Train (unless --skip-training) and evaluate one class setting; its results and wall times."""
+    """Train (unless --skip-training) and evaluate one class setting: {model: figures and times}."""
     out = out / f"fer{classes}"
     source = Path(args.data) if classes == 7 else six_class_view(args.data, out / "data")
     for name in [] if args.skip_training else args.models:  # one train.py call each, timed on its own
@@ -88,7 +88,7 @@ def benchmark(classes, args, out):
         if (out / name / "wall.json").exists():
             wall = json.loads((out / name / "wall.json").read_text())
             results[name].update(wall_minutes=wall["seconds"] / 60, train_args=wall["train_args"])
-    return {"results": results}
+    return results
 
 
 def main():
