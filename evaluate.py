@@ -2,7 +2,7 @@
 and a confusion matrix (printed and as a PNG) for each, written to report.json and report.md.
 
     python evaluate.py                                   # every runs/**/best.pt, on its data's test split
-    python evaluate.py --data ../shared/data/fer2013 --split val --tta tencrop
+    python evaluate.py --data ../shared/data/fer2013 --split val --tta flip
 """
 import argparse
 import json
@@ -35,8 +35,9 @@ def build_parser():
     p.add_argument("--runs", default="runs", help="folder searched for best.pt when --checkpoints is unset")
     p.add_argument("--data", default=None, help="data to evaluate on; unset: the data the first checkpoint was trained on")
     p.add_argument("--split", default="test", choices=list(data.SPLIT_ALIASES), help="split to report on")
-    p.add_argument("--tta", default="flip", choices=TTA_CHOICES,
-                   help="test-time augmentation: none, flip (mirror average), tencrop (corners+centre, mirrored)")
+    p.add_argument("--tta", default="tencrop", choices=TTA_CHOICES,
+                   help="test-time augmentation: none, flip (mirror average), tencrop (corners+centre, mirrored; "
+                        "the most accurate, ten forward passes per image)")
     p.add_argument("--out", default="runs/evaluation", help="folder for report.json, report.md and the PNGs")
     p.add_argument("--ensemble", default=None,
                    help="ensemble.json to reuse when it matches the checkpoints; unset: OUT/ensemble.json")

@@ -70,9 +70,9 @@ def build_parser():
     p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True, help="Nesterov momentum")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
     p.add_argument("--label-smoothing", type=probability, default=0.1, help="cross-entropy label smoothing")
-    p.add_argument("--schedule", default="plateau", choices=["plateau", "cosine"],
-                   help="how the learning rate falls: plateau (cut when validation loss stalls, the seed's "
-                        "schedule) or cosine (a cosine decay from the initial rate to the floor over all epochs)")
+    p.add_argument("--schedule", default="cosine", choices=["plateau", "cosine"],
+                   help="how the learning rate falls: cosine (a cosine decay from the initial rate to the floor "
+                        "over all epochs) or plateau (cut when validation loss stalls, the seed's schedule)")
     p.add_argument("--plateau-patience", type=int, default=3,
                    help="epochs without validation-loss improvement before the learning rate is cut")
     p.add_argument("--plateau-factor", type=probability, default=0.3, help="learning-rate cut factor")
@@ -289,6 +289,8 @@ def train_model(name, args, train, val, run_dir, checkpoint):
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
+        if args.schedule == "cosine":  # a resume with a new --epochs stretches the remaining decay, never restarts it
+            scheduler.T_max = args.epochs
         scaler.load_state_dict(checkpoint["scaler"])
         restore_rng(checkpoint["rng"], device, generator)
         progress, metrics = checkpoint["progress"], checkpoint["metrics"]

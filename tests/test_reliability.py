@@ -209,7 +209,7 @@ def test_truncated_cache_is_detected_and_rebuilt(tmp_path, capsys):
 
 def start_training(out, resume, epochs):
     """train.py in a subprocess, returned once it has loaded its data (its first output line)."""
-    # --min-lr 0: the learning rate never reaches its floor, so no early stop cuts the run short.
+    # --min-lr 0: the learning rate is above its floor until the last epoch, so no early stop cuts the run short.
     command = [sys.executable, str(ROOT / "train.py"), "--out", str(out), "--epochs", str(epochs),
                "--threads", "1", "--models", "model_y", "--min-lr", "0", *TINY, *(["--resume"] if resume else [])]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -82,8 +82,10 @@ def assert_same_weights(a, b):
 
 
 def test_resume_after_whole_epochs_matches_uninterrupted_run(tmp_path):
-    whole = run(tmp_path / "whole", epochs=3)
-    split = run(tmp_path / "split", epochs=1)
+    # The plateau schedule is causal, so a 1-epoch run is the first epoch of a 3-epoch one (cosine's
+    # decay depends on --epochs); mid-epoch resumes under cosine are covered by the next test.
+    whole = run(tmp_path / "whole", "--schedule", "plateau", epochs=3)
+    split = run(tmp_path / "split", "--schedule", "plateau", epochs=1)
     train.main(["--resume", "--out", str(tmp_path / "split"), "--models", "model_x", "--epochs", "3"])
     assert_same_weights(final_weights(whole), final_weights(split))
     with open(split / "metrics.csv") as file:
@@ -125,3 +127,13 @@ def test_cosine_schedule_falls_from_lr_to_min_lr(tmp_path):
         rates = [float(r["lr"]) for r in csv.DictReader(file)]
     # QUICK_TRAINING's --lr 0.01; cosine over 3 epochs: full rate, halfway, a quarter of the way from the floor
     assert rates == pytest.approx([0.01, 0.001 + 0.009 * 0.75, 0.001 + 0.009 * 0.25])
+
+
+def test_resume_with_more_epochs_stretches_the_cosine_decay(tmp_path):
+    run_dir = run(tmp_path, "--schedule", "cosine", "--min-lr", "0.001", epochs=2, models_=("model_y",))
+    train.main(["--resume", "--out", str(tmp_path), "--models", "model_y", "--epochs", "4"])
+    with open(run_dir / "metrics.csv") as file:
+        rates = [float(r["lr"]) for r in csv.DictReader(file)]
+    assert len(rates) == 4
+    assert all(later <= earlier for earlier, later in zip(rates, rates[1:])), rates  # no warm restart
+    assert rates[-1] >= 0.001
