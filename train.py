@@ -159,6 +159,17 @@ def build_scheduler(optimizer, args):
         optimizer, factor=args.plateau_factor, patience=args.plateau_patience, min_lr=args.min_lr)
 
 
+# The parts of a scheduler's state that come from flags; the rest (epoch count, best loss, ...) is progress.
+SCHEDULER_SETTINGS = ("T_max", "eta_min", "factor", "patience", "min_lrs", "default_min_lr")
+
+
+def resume_scheduler(scheduler, saved_state):
+    """Progress from the checkpoint, settings from the flags, so flags given with --resume win: a
+    longer --epochs stretches the remaining cosine decay instead of restarting it."""
+    settings = {key: value for key, value in scheduler.state_dict().items() if key in SCHEDULER_SETTINGS}
+    scheduler.load_state_dict({**saved_state, **settings})
+
+
 def train_step(model, optimizer, scaler, x, y, device, precision, label_smoothing):
     """One SGD step on a batch: (loss, correct predictions). A loss that is not finite is returned
     before any weight changes, so the caller can stop with the last good weights intact."""
@@ -288,9 +299,7 @@ def train_model(name, args, train, val, run_dir, checkpoint):
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if args.schedule == "cosine":  # a resume with a new --epochs stretches the remaining decay, never restarts it
-            scheduler.T_max = args.epochs
+        resume_scheduler(scheduler, checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         restore_rng(checkpoint["rng"], device, generator)
         progress, metrics = checkpoint["progress"], checkpoint["metrics"]

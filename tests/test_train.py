@@ -121,10 +121,14 @@ def test_existing_run_is_not_overwritten_by_accident(tmp_path):
     run(tmp_path, "--overwrite")
 
 
+def learning_rates(run_dir):
+    with open(run_dir / "metrics.csv") as file:
+        return [float(r["lr"]) for r in csv.DictReader(file)]
+
+
 def test_cosine_schedule_falls_from_lr_to_min_lr(tmp_path):
     run_dir = run(tmp_path, "--schedule", "cosine", "--min-lr", "0.001", epochs=3, models_=("model_y",))
-    with open(run_dir / "metrics.csv") as file:
-        rates = [float(r["lr"]) for r in csv.DictReader(file)]
+    rates = learning_rates(run_dir)
     # QUICK_TRAINING's --lr 0.01; cosine over 3 epochs: full rate, halfway, a quarter of the way from the floor
     assert rates == pytest.approx([0.01, 0.001 + 0.009 * 0.75, 0.001 + 0.009 * 0.25])
 
@@ -132,8 +136,7 @@ def test_cosine_schedule_falls_from_lr_to_min_lr(tmp_path):
 def test_resume_with_more_epochs_stretches_the_cosine_decay(tmp_path):
     run_dir = run(tmp_path, "--schedule", "cosine", "--min-lr", "0.001", epochs=2, models_=("model_y",))
     train.main(["--resume", "--out", str(tmp_path), "--models", "model_y", "--epochs", "4"])
-    with open(run_dir / "metrics.csv") as file:
-        rates = [float(r["lr"]) for r in csv.DictReader(file)]
+    rates = learning_rates(run_dir)
     assert len(rates) == 4
     assert all(later <= earlier for earlier, later in zip(rates, rates[1:])), rates  # no warm restart
     assert rates[-1] >= 0.001
