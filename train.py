@@ -1,6 +1,6 @@
-"""Train facial-expression CNNs (model_x, model_y) with batch augmentation, SGD and a learning rate
-reduced on plateau. One run folder per model under --out holds metrics.csv, curves.png, config.json,
-last.pt (every epoch) and best.pt (best validation accuracy).
+"""Train facial-expression CNNs (model_x, model_y) with batch augmentation, SGD and a learning-rate
+schedule (cosine decay by default, or reduced on plateau). One run folder per model under --out holds
+metrics.csv, curves.png, config.json, last.pt (every epoch) and best.pt (best validation accuracy).
 
     python train.py --data ../shared/data/fer2013
     python train.py --resume            # continue an interrupted run where it stopped
@@ -27,8 +27,9 @@ from tqdm import tqdm
 import augment
 import data
 from files import write_atomic, write_text_atomic
-from models import (MODELS, autocast, build_model, default_threads, describe_model, load_checkpoint,
-                    pick_device, resolve_precision)
+from models import MODELS, autocast, build_model, default_threads, describe_model, pick_device, resolve_precision
+from resume import (open_run, restore_rng, resume_optimizer, resume_scheduler, resumed_config, rng_state,
+                    saved_data_source)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
@@ -159,31 +160,21 @@ def build_scheduler(optimizer, args):
         optimizer, factor=args.plateau_factor, patience=args.plateau_patience, min_lr=args.min_lr)
 
 
-# The parts of a scheduler's state that come from flags; the rest (epoch count, best loss, ...) is progress.
-SCHEDULER_SETTINGS = ("T_max", "eta_min", "factor", "patience", "min_lrs", "default_min_lr")
-
-
-def resume_scheduler(scheduler, saved_state):
-    """Progress from the checkpoint, settings from the flags, so flags given with --resume win: a
-    longer --epochs stretches the remaining cosine decay instead of restarting it."""
-    settings = {key: value for key, value in scheduler.state_dict().items() if key in SCHEDULER_SETTINGS}
-    scheduler.load_state_dict({**saved_state, **settings})
-
-
 def train_step(model, optimizer, scaler, x, y, device, precision, label_smoothing):
     """One SGD step on a batch: (loss, correct predictions). A loss that is not finite is returned
     before any weight changes, so the caller can stop with the last good weights intact."""
     with autocast(device, precision):
         logits = model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-    loss_value = loss.item()
+    correct = (logits.argmax(1) == y).sum()
+    loss_value, correct = torch.stack([loss.detach().float(), correct.float()]).tolist()  # one device sync
     if not math.isfinite(loss_value):
         return loss_value, 0
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    return loss_value, (logits.argmax(1) == y).sum().item()
+    return loss_value, int(correct)
 
 
 def write_metrics(run_dir, metrics):
@@ -215,20 +206,6 @@ def divergence_message(name, what, lr, run_dir):
             f"rate {lr:g} is likely too high: try --lr {lr / 3:.2g}, or --precision fp32.")
 
 
-def rng_state(device, generator):
-    state = {"torch": torch.get_rng_state(), "augment": generator.get_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def restore_rng(state, device, generator):
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["augment"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 # Set by Ctrl-C or SIGTERM; the loop checks it between batches, saves, and exits cleanly.
 stop_requested = threading.Event()
 
@@ -236,43 +213,6 @@ stop_requested = threading.Event()
 def request_stop(signum, frame):
     stop_requested.set()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
-
-
-def open_run(name, args, classes, run_dir):
-    """The saved state to continue from (None for a fresh run), after checking it fits."""
-    last = run_dir / "last.pt"
-    if not args.resume:
-        if last.exists() and not args.overwrite:
-            sys.exit(f"error: {run_dir} already holds a run. Pass --resume to continue it, --overwrite to "
-                     "replace it, or --out to train elsewhere.")
-        return None
-    if not last.exists():
-        sys.exit(f"error: --resume: no {last}. Start the run without --resume.")
-    try:
-        checkpoint = load_checkpoint(last)
-    except ValueError as error:
-        sys.exit(f"error: --resume: {error}")
-    if checkpoint.get("model_name") != name or checkpoint.get("classes") != classes:
-        sys.exit(f"error: --resume: {last} is a {checkpoint.get('model_name')} run on classes "
-                 f"{checkpoint.get('classes')}, not {name} on {classes}. Use another --out.")
-    return checkpoint
-
-
-def saved_data_source(last):
-    """The --data of the run being resumed, so `--resume` alone continues on the same data."""
-    try:
-        return load_checkpoint(last)["config"]["data"]
-    except (FileNotFoundError, ValueError, KeyError):
-        return None  # open_run explains what is wrong with the checkpoint
-
-
-def resumed_config(args, parser, checkpoint):
-    """The run's saved settings, overridden by the flags given on this command line."""
-    config = dict(checkpoint["config"])
-    for key, value in vars(args).items():
-        if value != parser.get_default(key) or key not in config:
-            config[key] = value
-    return argparse.Namespace(**config)
 
 
 def train_model(name, args, train, val, run_dir, checkpoint):
@@ -298,14 +238,11 @@ def train_model(name, args, train, val, run_dir, checkpoint):
     metrics = []
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        resume_optimizer(optimizer, checkpoint["optimizer"], checkpoint["config"]["lr"])
         resume_scheduler(scheduler, checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         restore_rng(checkpoint["rng"], device, generator)
         progress, metrics = checkpoint["progress"], checkpoint["metrics"]
-        if args.lr != checkpoint["config"]["lr"]:  # an --lr given with --resume replaces the current rate
-            for group in optimizer.param_groups:
-                group["lr"] = args.lr
         print(f"{name}: resuming at epoch {progress['epoch'] + 1}, batch {progress['batch']}")
     write_text_atomic(run_dir / "config.json", json.dumps({
         **vars(args), "model_name": name, "classes": train.classes, "size": size, "device": str(device),

@@ -133,6 +133,14 @@ def test_cosine_schedule_falls_from_lr_to_min_lr(tmp_path):
     assert rates == pytest.approx([0.01, 0.001 + 0.009 * 0.75, 0.001 + 0.009 * 0.25])
 
 
+def test_optimizer_flags_given_with_resume_take_effect(tmp_path):
+    run_dir = run(tmp_path, epochs=1, models_=("model_y",))
+    train.main(["--resume", "--out", str(tmp_path), "--models", "model_y", "--epochs", "2",
+                "--weight-decay", "0.02", "--momentum", "0.5"])
+    group = torch.load(run_dir / "last.pt", weights_only=True)["optimizer"]["param_groups"][0]
+    assert (group["weight_decay"], group["momentum"]) == (0.02, 0.5)
+
+
 def test_resume_with_more_epochs_stretches_the_cosine_decay(tmp_path):
     run_dir = run(tmp_path, "--schedule", "cosine", "--min-lr", "0.001", epochs=2, models_=("model_y",))
     train.main(["--resume", "--out", str(tmp_path), "--models", "model_y", "--epochs", "4"])
