@@ -11,12 +11,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 
+def conv_bn(in_channels, out_channels, kernel_size=3):
+    return [nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+            nn.BatchNorm2d(out_channels)]
+
+
 def conv_bn_relu(in_channels, out_channels, kernel_size=3):
-    return [
-        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    ]
+    return conv_bn(in_channels, out_channels, kernel_size) + [nn.ReLU(inplace=True)]
 
 
 def conv_block(in_channels, out_channels, convs, dropout):
@@ -50,11 +51,8 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, in_channels, out_channels):
         super().__init__()
-        self.body = nn.Sequential(*conv_bn_relu(in_channels, out_channels),
-                                  nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(out_channels))
-        self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
-                                      nn.BatchNorm2d(out_channels))
+        self.body = nn.Sequential(*conv_bn_relu(in_channels, out_channels), *conv_bn(out_channels, out_channels))
+        self.shortcut = nn.Sequential(*conv_bn(in_channels, out_channels, kernel_size=1))
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x):
