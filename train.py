@@ -36,6 +36,10 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_sec"]
 AUGMENT_FLAGS = list(augment.DEFAULTS)
+# An epoch of model_y costs three quarters of one of model_x, so model_y gets more of them within the
+# same budget (both models in 90 minutes on 2 CPU cores); 72 instead of 60 lifts its FER-2013 validation
+# accuracy by 1.4 points with ten-crop (README, "Ablations").
+DEFAULT_EPOCHS = {"model_x": 60, "model_y": 72}
 
 
 def positive(kind):
@@ -64,7 +68,9 @@ def build_parser():
     p.add_argument("--resume", action="store_true",
                    help="continue each model's run from its last.pt; flags you pass override its saved ones")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run instead of refusing")
-    p.add_argument("--epochs", type=positive(int), default=60, help="maximum number of epochs")
+    p.add_argument("--epochs", type=positive(int), default=None,
+                   help="maximum epochs, for every model trained; None: each model's own, "
+                        + ", ".join(f"{name} {epochs}" for name, epochs in DEFAULT_EPOCHS.items()))
     p.add_argument("--batch-size", type=positive(int), default=128, help="training batch size")
     p.add_argument("--lr", type=positive(float), default=0.03, help="initial SGD learning rate")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
@@ -328,6 +334,11 @@ def train_model(name, args, train, val, run_dir, checkpoint):
               f"{100 * progress['best_val_acc']:.2f}%. Saved {run_dir}/best.pt, metrics.csv, curves.png")
 
 
+def with_model_epochs(args, name):
+    """`args` with --epochs set: as given (or saved in the resumed run), else the model's default."""
+    return argparse.Namespace(**{**vars(args), "epochs": args.epochs or DEFAULT_EPOCHS[name]})
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -347,7 +358,7 @@ def main(argv=None):
         run_dir = Path(args.out) / name
         checkpoint = open_run(name, args, train.classes, run_dir)
         config = resumed_config(args, parser, checkpoint) if checkpoint else args
-        train_model(name, config, train, val, run_dir, checkpoint)
+        train_model(name, with_model_epochs(config, name), train, val, run_dir, checkpoint)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import torch
 from conftest import QUICK_TRAINING
 
 import models
+import resume
 import train
 
 
@@ -148,3 +149,14 @@ def test_resume_with_more_epochs_stretches_the_cosine_decay(tmp_path):
     assert len(rates) == 4
     assert all(later <= earlier for earlier, later in zip(rates, rates[1:])), rates  # no warm restart
     assert rates[-1] >= 0.001
+
+
+def test_each_model_has_its_own_epochs_unless_epochs_is_given():
+    parser = train.build_parser()
+    unset, given = parser.parse_args([]), parser.parse_args(["--epochs", "5"])
+    assert {name: train.with_model_epochs(unset, name).epochs for name in models.MODELS} == train.DEFAULT_EPOCHS
+    assert train.DEFAULT_EPOCHS == {"model_x": 60, "model_y": 72}  # the recipe in the README's results
+    assert {train.with_model_epochs(given, name).epochs for name in models.MODELS} == {5}
+    # A run started with --epochs 5 and resumed without it keeps its 5, not the model's default.
+    resumed = resume.resumed_config(parser.parse_args(["--resume"]), parser, {"config": vars(given)})
+    assert train.with_model_epochs(resumed, "model_y").epochs == 5
