@@ -42,7 +42,8 @@ def build_parser():
     p.add_argument("--ensemble", default=None,
                    help="ensemble.json to reuse when it matches the checkpoints; unset: OUT/ensemble.json")
     p.add_argument("--refit", action="store_true", help="refit the ensemble weights even if a matching file exists")
-    p.add_argument("--batch-size", type=int, default=512, help="evaluation batch size")
+    # Not larger: on 2 CPU cores, bf16 inference is faster at 128 images per batch than at 512 (README, speed).
+    p.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto: bf16 autocast on CPU and recent GPUs")
@@ -61,7 +62,7 @@ def tta_views(images, tta):
 
 
 @torch.inference_mode()
-def predict_probs(model, images, tta="none", batch_size=512, precision="fp32"):
+def predict_probs(model, images, tta="none", batch_size=128, precision="fp32"):
     """Softmax probabilities [N, C] (numpy) for uint8 images [N, 1, 48, 48]."""
     device = next(model.parameters()).device
     outputs = []

@@ -71,7 +71,7 @@ def build_parser():
     p.add_argument("--epochs", type=positive(int), default=None,
                    help="maximum epochs, for every model trained; None: each model's own, "
                         + ", ".join(f"{name} {epochs}" for name, epochs in DEFAULT_EPOCHS.items()))
-    p.add_argument("--batch-size", type=positive(int), default=128, help="training batch size")
+    p.add_argument("--batch-size", type=positive(int), default=128, help="training (and validation) batch size")
     p.add_argument("--lr", type=positive(float), default=0.03, help="initial SGD learning rate")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True, help="Nesterov momentum")
@@ -138,7 +138,7 @@ def epoch_order(count, seed, epoch, device):
 
 
 @torch.inference_mode()
-def evaluate_split(model, images, labels, device, precision, channels_last, batch_size=512):
+def evaluate_split(model, images, labels, device, precision, channels_last, batch_size):
     """Mean cross-entropy and accuracy of `model` on uint8 images already on `device`."""
     model.eval()
     loss_sum, correct = 0.0, 0
@@ -298,7 +298,8 @@ def train_model(name, args, train, val, run_dir, checkpoint):
                 sys.exit(130)
         bar.close()
         seconds = time.perf_counter() - started
-        val_loss, val_acc = evaluate_split(model, val_images, val_labels, device, precision, args.channels_last)
+        val_loss, val_acc = evaluate_split(model, val_images, val_labels, device, precision, args.channels_last,
+                                           args.batch_size)
         if not math.isfinite(val_loss):  # weights can overflow even while the batch losses stay finite
             sys.exit(divergence_message(name, f"validation loss became {val_loss} at epoch {epoch + 1}, "
                                         f"batch {batches}", lr, run_dir))
