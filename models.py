@@ -112,7 +112,7 @@ def pick_device(name="auto"):
 
 
 def resolve_precision(precision, device):
-    """`auto` is bf16 on CPU (2.3-3.1x fp32's training speed on AVX-512 cores, by benchmarks/speed.py)
+    """`auto` is bf16 on CPU (about 2.8x fp32's training speed on AVX-512 cores, by benchmarks/speed.py)
     and on CUDA GPUs that support it, fp16 on older CUDA GPUs, and fp32 elsewhere."""
     if precision != "auto":
         return precision

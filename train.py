@@ -141,7 +141,9 @@ def epoch_order(count, seed, epoch, device):
 def evaluate_split(model, images, labels, device, precision, channels_last, batch_size):
     """Mean cross-entropy and accuracy of `model` on uint8 images already on `device`."""
     model.eval()
-    loss_sum, correct = 0.0, 0
+    # Summed on the device (in float64, as Python floats would be) and read once: no sync per batch.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     for start in range(0, len(labels), batch_size):
         x = images[start:start + batch_size].float().div_(255)
         if channels_last:
@@ -149,9 +151,9 @@ def evaluate_split(model, images, labels, device, precision, channels_last, batc
         y = labels[start:start + batch_size]
         with autocast(device, precision):
             logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-    return loss_sum / len(labels), correct / len(labels)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        correct += (logits.argmax(1) == y).sum()
+    return loss_sum.item() / len(labels), correct.item() / len(labels)
 
 
 def build_optimizer(model, args):
