@@ -1,25 +1,39 @@
 # The README's two commands: `make demo` (install, train both models briefly on the built-in
-# synthetic faces, evaluate) and `make test` (install, run the test suite).
+# synthetic faces, evaluate, then predict on a synthetic face with the shipped weights) and `make test`
+# (install, run the test suite). `make app` serves the browser demo (app.py) on http://127.0.0.1:7860.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_OUT := runs/demo
 
-.PHONY: demo test install clean
+.PHONY: demo test install install-app app clean
 
 install: $(VENV)/.installed
+install-app: $(VENV)/.installed-app
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
 	touch $@
 
-demo: install
-	$(PY) train.py --data synthetic --epochs 12 --out $(DEMO_OUT) --overwrite
-	$(PY) evaluate.py --runs $(DEMO_OUT) --out $(DEMO_OUT)/evaluation --refit
-	$(PY) synthetic.py --out $(DEMO_OUT)/synthetic_samples.png
+# The browser demo's packages (gradio, and Playwright for its real-browser test), stamped separately.
+$(VENV)/.installed-app: $(VENV)/.installed requirements-app.txt
+	$(PY) -m pip install --quiet -r requirements-app.txt
+	touch $@
 
-test: install
+app: install-app
+	$(PY) app.py $(APP_ARGS)
+
+demo: install
+	$(PY) train.py --data synthetic --epochs 20 --out $(DEMO_OUT) --overwrite
+	$(PY) evaluate.py --runs $(DEMO_OUT) --out $(DEMO_OUT)/evaluation --refit
+	@echo "These accuracies are on the built-in synthetic faces' test split: they show that training and"
+	@echo "evaluation work end to end on this machine, not how well the models read real faces (README, Results)."
+	$(PY) synthetic.py --out $(DEMO_OUT)/synthetic_samples.png
+	$(PY) synthetic.py --face happy --out $(DEMO_OUT)/happy_face.png
+	$(PY) predict.py $(DEMO_OUT)/happy_face.png --no-detect --ensemble weights/ensemble.json
+
+test: install install-app
 	$(PY) -m pytest -q tests
 
 clean:

@@ -13,6 +13,8 @@ import csv
 import hashlib
 import json
 import os
+import reprlib
+import sys
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -186,7 +188,9 @@ def decode_files(paths, threads, description):
 
 
 def warn(message):
-    print(f"warning: {message}", flush=True)
+    # A file name that is not UTF-8 holds lone surrogates, which a UTF-8 (strict) stdout refuses to print.
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    print(f"warning: {message}".encode(encoding, "backslashreplace").decode(encoding), flush=True)
 
 
 def report_skipped(skipped, where):
@@ -200,7 +204,7 @@ def report_skipped(skipped, where):
 
 def cache_path(cache_dir, folder, split, key):
     folder = Path(folder).resolve()
-    folder_id = hashlib.sha256(str(folder).encode()).hexdigest()[:8]
+    folder_id = hashlib.sha256(os.fsencode(folder)).hexdigest()[:8]  # a path need not be UTF-8
     return Path(cache_dir) / f"{safe_filename(folder.name, 40)}-{folder_id}-{split}-{key[:16]}.npz"
 
 
@@ -258,44 +262,77 @@ def load_folder_split(folder, classes, split, cache_dir, threads):
     return images, labels
 
 
+def bytes_not_utf8(text):
+    """None for text read from valid UTF-8; else the bytes around the first byte that was not UTF-8 (a
+    spreadsheet's Latin-1). Read with errors="surrogateescape", such bytes come back as lone surrogates,
+    which cannot be encoded."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as error:
+        return text[max(0, error.start - 20):error.start + 20].encode("utf-8", "surrogateescape")
+
+
+def csv_columns(path, header):
+    """Indices of the emotion, pixels and Usage columns, from the header row."""
+    names = [name.strip().lower() for name in header]
+    missing = [name for name in ("emotion", "pixels", "usage") if name not in names]
+    if missing:
+        text = ",".join(header)
+        # A UTF-16 file (another spreadsheet export) reads as NULs and lone surrogates.
+        hint = (" The header row is not UTF-8 text: save the file as 'CSV UTF-8'."
+                if "\x00" in text or bytes_not_utf8(text) else "")
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; "
+                        f"expected a FER-2013 CSV with columns emotion, pixels, Usage.{hint}")
+    return [names.index(name) for name in ("emotion", "pixels", "usage")]
+
+
+def parse_row(row, columns, width, where):
+    """(48x48 uint8 image, CSV label, split name) of one data row."""
+    if len(row) != width:
+        raise DataError(f"{where}: {len(row)} fields, expected {width}")
+    emotion, pixels, usage = (row[i] for i in columns)
+    for column, cell in (("emotion", emotion), ("pixels", pixels), ("Usage", usage)):
+        # Only the fields used are checked: bytes that are not UTF-8 in an extra column do no harm.
+        bad = bytes_not_utf8(cell)
+        if bad:
+            raise DataError(f"{where}: {column} {bad!r} is not UTF-8 text (Latin-1 or Windows-1252?); "
+                            "save the file as 'CSV UTF-8'")
+    try:
+        label = int(emotion)
+    except ValueError:
+        # reprlib shortens a long value: a quote left open makes the rest of the file one field.
+        raise DataError(f"{where}: emotion {reprlib.repr(emotion)} is not a whole number") from None
+    if not 0 <= label < len(CSV_CLASSES):
+        raise DataError(f"{where}: emotion {label} is out of range 0..{len(CSV_CLASSES) - 1}")
+    try:
+        values = np.array(pixels.split(), dtype=np.int32)
+    except (ValueError, OverflowError):  # OverflowError: a value beyond int32, such as 99999999999
+        raise DataError(f"{where}: pixels must be whole numbers in 0..255 separated by spaces") from None
+    if values.size != IMAGE_SIZE * IMAGE_SIZE or values.min() < 0 or values.max() > 255:
+        raise DataError(f"{where}: expected {IMAGE_SIZE * IMAGE_SIZE} pixel values in 0..255, got {values.size}")
+    split = CSV_USAGE.get(usage.strip().lower())
+    if split is None:
+        raise DataError(f"{where}: Usage {reprlib.repr(usage)} is not Training, PublicTest or PrivateTest")
+    return values.astype(np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE), label, split
+
+
 def parse_csv(path):
     """Every row of a FER-2013 CSV, as (images, labels in CSV order, split names)."""
-    with open(path, newline="", encoding="utf-8-sig") as file:
+    # utf-8-sig drops the BOM that Excel writes; surrogateescape reads bytes that are not UTF-8 without
+    # an error, so that parse_row can name their row, or ignore them in a column that is not used.
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as file:
         reader = csv.reader(file)
-        header = [name.strip().lower() for name in next(reader, [])]
-        missing = [name for name in ("emotion", "pixels", "usage") if name not in header]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {', '.join(missing)}; "
-                            "expected a FER-2013 CSV with columns emotion, pixels, Usage")
-        emotion, pixels, usage = (header.index(name) for name in ("emotion", "pixels", "usage"))
-        images, labels, splits = [], [], []
-        for row_number, row in enumerate(reader, start=2):
-            if not any(cell.strip() for cell in row):
-                continue
-            where = f"{path}, row {row_number}"
-            if len(row) != len(header):
-                raise DataError(f"{where}: {len(row)} fields, expected {len(header)}")
-            try:
-                label = int(row[emotion])
-            except ValueError:
-                raise DataError(f"{where}: emotion {row[emotion]!r} is not a whole number") from None
-            if not 0 <= label < len(CSV_CLASSES):
-                raise DataError(f"{where}: emotion {label} is out of range 0..{len(CSV_CLASSES) - 1}")
-            try:
-                values = np.array(row[pixels].split(), dtype=np.int32)
-            except ValueError:
-                raise DataError(f"{where}: pixels must be whole numbers separated by spaces") from None
-            if values.size != IMAGE_SIZE * IMAGE_SIZE or values.min() < 0 or values.max() > 255:
-                raise DataError(f"{where}: expected {IMAGE_SIZE * IMAGE_SIZE} pixel values in 0..255, "
-                                f"got {values.size}")
-            split = CSV_USAGE.get(row[usage].strip().lower())
-            if split is None:
-                raise DataError(f"{where}: Usage {row[usage]!r} is not Training, PublicTest or PrivateTest")
-            images.append(values.astype(np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE))
-            labels.append(label)
-            splits.append(split)
-    if not images:
+        try:
+            header = next(reader, [])
+            columns = csv_columns(path, header)
+            rows = [parse_row(row, columns, len(header), f"{path}, row {row_number}")
+                    for row_number, row in enumerate(reader, start=2) if any(cell.strip() for cell in row)]
+        except csv.Error as error:  # a field over csv's size limit: a quote left open swallowed the rows after it
+            raise DataError(f"{path}, line {reader.line_num}: {error}; is a quote (\") left open?") from None
+    if not rows:
         raise DataError(f"{path} has no data rows")
+    images, labels, splits = zip(*rows)
     return np.stack(images), np.array(labels), np.array(splits)
 
 

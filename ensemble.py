@@ -8,14 +8,16 @@ sees the test split.
 """
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 from scipy.optimize import minimize
 
+from cli import UsageError
 from files import write_text_atomic
 
-VERSION = 1
+VERSION = 2  # 2: member paths relative to the ensemble file's folder
 
 
 def weighted_average(member_probs, weights):
@@ -71,29 +73,71 @@ def file_hash(path):
     return digest.hexdigest()
 
 
-def save_ensemble(path, member_paths, classes, fit, tta):
+def relative_path(path, folder):
+    """`path` as seen from `folder`, with forward slashes, so an ensemble file moves with its members."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(folder).resolve())).as_posix()
+
+
+def save_ensemble(path, member_paths, classes, fit, tta, extra=None, member_extras=None):
+    """Write the fitted ensemble; member paths are stored relative to the file's folder. `extra` and
+    `member_extras`: further fields for the file and for each member (export.py describes the members)."""
+    folder = Path(path).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    member_extras = member_extras or [{} for _ in member_paths]
     record = {"version": VERSION, "classes": list(classes), "tta": tta,
-              "members": [{"path": str(p), "sha256": file_hash(p), "weight": w}
-                          for p, w in zip(member_paths, fit["weights"])],
+              "members": [{"path": relative_path(p, folder), "sha256": file_hash(p), "weight": w, **more}
+                          for p, w, more in zip(member_paths, fit["weights"], member_extras)],
               "method": fit["method"], "val_accuracy": fit["val_accuracy"], "val_nll": fit["val_nll"],
-              "candidates": fit["candidates"]}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+              "candidates": fit["candidates"], **(extra or {})}
     write_text_atomic(path, json.dumps(record, indent=2))
     return record
 
 
+def record_problem(record):
+    """What makes `record` not an ensemble record of this version, or None."""
+    if not isinstance(record, dict):
+        return "expected a JSON object"
+    if record.get("version") != VERSION:
+        return f"version {record.get('version')!r}, expected {VERSION}"
+    classes, members = record.get("classes"), record.get("members")
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)
+            and len(set(classes)) == len(classes)):
+        return '"classes" must be a non-empty list of distinct names'
+    if record.get("tta") not in ("none", "flip", "tencrop"):
+        return '"tta" must be "none", "flip" or "tencrop"'
+    if not (isinstance(members, list) and members and all(isinstance(m, dict) for m in members)):
+        return '"members" must be a non-empty list of objects'
+    for number, member in enumerate(members, start=1):
+        sha256, weight = member.get("sha256"), member.get("weight")
+        if not isinstance(member.get("path"), str):
+            return f'member {number}: "path" must be a string'
+        if not (isinstance(sha256, str) and len(sha256) == 64 and set(sha256) <= set("0123456789abcdef")):
+            return f'member {number}: "sha256" must be 64 lowercase hex digits, as file_hash writes them'
+        # bool is an int to Python, but not a weight; NaN fails the comparison.
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+            return f'member {number}: "weight" must be a finite number >= 0, not {weight!r}'
+    if not any(member["weight"] > 0 for member in members):
+        return "every member has weight 0"
+    return None
+
+
 def load_ensemble(path):
-    """The saved ensemble as a dict; ValueError naming the file if it is not one."""
+    """The saved ensemble as a dict; UsageError naming the file when it is not a valid ensemble record of
+    this version. Every field that callers use is checked here, so that they can index the record freely."""
     try:
-        record = json.loads(Path(path).read_text())
-        if record.get("version") != VERSION or not record["members"]:
-            raise ValueError("not an ensemble file of this version")
-        return record
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"cannot read ensemble {path}: {error}") from error
+        record = json.loads(Path(path).read_bytes())  # from bytes, json reads UTF-8 (with a BOM too) and UTF-16/32
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: not JSON or not text; Recursion: too deep
+        raise UsageError(f"cannot read ensemble {path}: {error}") from error
+    reason = record_problem(record)
+    if reason:
+        raise UsageError(f"{path} is not a valid ensemble file: {reason}. python evaluate.py --refit writes a new "
+                         "one")
+    return record
 
 
-def matches(record, member_paths, tta):
-    """True when `record` was fitted for exactly these checkpoint files (by content) and this TTA."""
-    saved = [(m["path"], m["sha256"]) for m in record["members"]]
-    return record["tta"] == tta and saved == [(str(p), file_hash(p)) for p in member_paths]
+def matches(record, ensemble_path, member_paths, tta):
+    """True when `record` (read from `ensemble_path`) was fitted for exactly these checkpoint files (by
+    content) and this TTA."""
+    folder = Path(ensemble_path).parent
+    saved = [((folder / m["path"]).resolve(), m["sha256"]) for m in record["members"]]
+    return record["tta"] == tta and saved == [(Path(p).resolve(), file_hash(p)) for p in member_paths]

@@ -3,93 +3,55 @@ and a confusion matrix (printed and as a PNG) for each, written to report.json a
 
     python evaluate.py                                   # every runs/**/best.pt, on its data's test split
     python evaluate.py --data ../shared/data/fer2013 --split val --tta flip
+    python evaluate.py --pretrained --data ../shared/data/fer2013 --split val   # the ensemble in weights/
+    python evaluate.py --backend onnx --data ../shared/data/fer2013 --split val # weights/ensemble.onnx, ONNX Runtime
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from sklearn.metrics import ConfusionMatrixDisplay, classification_report, confusion_matrix, f1_score
-from tqdm import tqdm
 
+import cli
 import data
 import ensemble
-from files import safe_filename, write_atomic, write_text_atomic
-from models import autocast, default_threads, load_checkpoint, model_from_checkpoint, pick_device, resolve_precision
+from files import write_atomic, write_text_atomic
+from inference import PRETRAINED, PRETRAINED_ONNX, TTA_CHOICES, Predictor, align_classes, common_classes, \
+    ensemble_members, load_members, predict_probs, unique_names
+from models import pick_device, resolve_precision
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-TTA_CHOICES = ["none", "flip", "tencrop"]
-
-
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoints", nargs="+", default=None,
-                   help="checkpoint files to evaluate; unset: every best.pt under --runs")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--checkpoints", nargs="+", default=None,
+                        help="checkpoint files to evaluate; unset: every best.pt under --runs")
+    source.add_argument("--pretrained", action="store_true",
+                        help=f"evaluate the shipped ensemble ({PRETRAINED}) with its own weights; needs --data")
     p.add_argument("--runs", default="runs", help="folder searched for best.pt when --checkpoints is unset")
     p.add_argument("--data", default=None, help="data to evaluate on; unset: the data the first checkpoint was trained on")
     p.add_argument("--split", default="test", choices=list(data.SPLIT_ALIASES), help="split to report on")
-    p.add_argument("--tta", default="tencrop", choices=TTA_CHOICES,
+    p.add_argument("--tta", default=None, choices=TTA_CHOICES,
                    help="test-time augmentation: none, flip (mirror average), tencrop (corners+centre, mirrored; "
-                        "the most accurate, ten forward passes per image)")
+                        "ten forward passes per image); unset: tencrop, or the shipped ensemble's own with --pretrained")
     p.add_argument("--out", default="runs/evaluation", help="folder for report.json, report.md and the PNGs")
     p.add_argument("--ensemble", default=None,
                    help="ensemble.json to reuse when it matches the checkpoints; unset: OUT/ensemble.json")
     p.add_argument("--refit", action="store_true", help="refit the ensemble weights even if a matching file exists")
-    # Not larger: on 2 CPU cores, bf16 inference is faster at 128 images per batch than at 512 (README, speed).
-    p.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
-    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="auto: bf16 autocast on CPU and recent GPUs")
-    p.add_argument("--threads", type=int, default=default_threads(), help="CPU threads")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx"],
+                   help="torch: the checkpoints and their ensemble; onnx: the ensemble in the file --onnx, run by ONNX "
+                        "Runtime on CPU and reported as the ensemble (its members are inside the graph); needs --data")
+    p.add_argument("--onnx", default=None, metavar="PATH",
+                   help=f"ONNX file for --backend onnx, written by export.py --format onnx; unset: {PRETRAINED_ONNX}")
+    # Not larger: on CPUs, bf16 inference runs faster in small batches than in large ones (benchmarks/speed.py).
+    cli.add_device_flags(p, batch_size=128, batch_help="evaluation batch size")
     return p
-
-
-def tta_views(images, tta):
-    """The views whose softmax outputs are averaged; images are float [B, 1, 48, 48]."""
-    if tta == "flip":
-        return [images, images.flip(-1)]
-    if tta == "tencrop":  # Krizhevsky et al. 2012: four corners and centre of a slightly larger image, mirrored
-        larger = TF.resize(images, [54, 54], antialias=True)
-        return list(TF.ten_crop(larger, [48, 48]))
-    return [images]
-
-
-@torch.inference_mode()
-def predict_probs(model, images, tta="none", batch_size=128, precision="fp32"):
-    """Softmax probabilities [N, C] (numpy) for uint8 images [N, 1, 48, 48]."""
-    device = next(model.parameters()).device
-    outputs = []
-    for start in tqdm(range(0, len(images), batch_size), desc="predicting", unit="batch", leave=False,
-                      disable=None if len(images) > 4 * batch_size else True):
-        batch = images[start:start + batch_size].to(device).float().div_(255)
-        views = tta_views(batch, tta)
-        with autocast(device, precision):
-            probs = sum(torch.softmax(model(v.contiguous(memory_format=torch.channels_last)).float(), dim=1)
-                        for v in views)
-        outputs.append((probs / len(views)).cpu())
-    return torch.cat(outputs).numpy()
-
-
-def align_classes(split, model_classes):
-    """Images of classes the model knows, with labels re-indexed to the model's class list."""
-    to_model = {i: model_classes.index(c) for i, c in enumerate(split.classes) if c in model_classes}
-    keep = np.array([int(label) in to_model for label in split.labels])
-    unknown = sorted(set(split.classes) - set(model_classes))
-    if unknown:
-        print(f"note: the model knows no class {', '.join(unknown)}: left out {int((~keep).sum())} of "
-              f"{len(keep)} images")
-    if not keep.any():
-        sys.exit(f"error: none of the data's classes ({', '.join(split.classes)}) is known to the model "
-                 f"({', '.join(model_classes)}); evaluate it on data with those classes.")
-    labels = np.array([to_model[int(label)] for label in split.labels[keep]], dtype=np.int64)
-    return split.images[torch.from_numpy(keep)], labels, int((~keep).sum())
 
 
 def classification_figures(probs, labels, classes):
@@ -135,89 +97,117 @@ def markdown_section(name, figures, classes, png):
                       "", *rows, "", f"![confusion matrix of {name}]({png})", ""])
 
 
-def member_names(paths):
-    """Short names for checkpoints: their run folder, with its parent where two would clash."""
-    names = [p.parent.name for p in paths]
-    if len(set(names)) < len(names):
-        names = [f"{p.parent.parent.name}-{p.parent.name}" for p in paths]
-    return [safe_filename(n) for n in names]
-
-
-def load_members(paths, device):
-    checkpoints, models = [], []
-    for path in paths:
-        try:
-            checkpoint = load_checkpoint(path)
-            models.append(model_from_checkpoint(checkpoint, device).to(memory_format=torch.channels_last))
-        except (ValueError, KeyError, RuntimeError) as error:
-            sys.exit(f"error: cannot use checkpoint {path}: {error}")
-        checkpoints.append(checkpoint)
-    return checkpoints, models
-
-
-def fitted_ensemble(args, paths, names, models, classes, data_source, precision):
+def fitted_ensemble(args, members, names, classes, data_source, precision):
+    """The ensemble weights: reused from an ensemble file fitted for these checkpoints and this TTA,
+    else fitted on the validation split and saved."""
     ensemble_path = Path(args.ensemble or Path(args.out) / "ensemble.json")
+    paths = [m.path for m in members]
     if ensemble_path.exists() and not args.refit:
-        record = ensemble.load_ensemble(ensemble_path)
-        if ensemble.matches(record, paths, args.tta):
-            print(f"reusing ensemble weights from {ensemble_path}")
-            return record
+        try:
+            record = ensemble.load_ensemble(ensemble_path)
+            if ensemble.matches(record, ensemble_path, paths, args.tta):
+                print(f"reusing ensemble weights from {ensemble_path}")
+                return record
+        except cli.UsageError as error:
+            print(f"note: {error}; fitting the weights again")
     val = data.load_train_val(data_source)[1]
     val_images, val_labels, _ = align_classes(val, classes)
-    member_probs = [predict_probs(m, val_images, args.tta, args.batch_size, precision) for m in models]
+    member_probs = [predict_probs(m.model, val_images, args.tta, args.batch_size, precision) for m in members]
     fit = ensemble.fit_weights(member_probs, val_labels, names)
     print(f"ensemble weights fitted on {len(val_labels)} validation images ({fit['method']}): "
           + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, fit["weights"])))
     return ensemble.save_ensemble(ensemble_path, paths, classes, fit, args.tta)
 
 
+def chosen_members(args, device):
+    """(members, the shipped ensemble record or None): --pretrained, --checkpoints, or every best.pt."""
+    if args.pretrained:
+        members, _ = ensemble_members(PRETRAINED)  # the members that carry weight, checked against their hashes
+        record = ensemble.load_ensemble(PRETRAINED)
+        record["members"] = [m for m in record["members"] if m["weight"] > 0]
+        return load_members([p for p, _, _ in members], device, [h for _, _, h in members]), record
+    paths = [Path(p) for p in args.checkpoints] if args.checkpoints else sorted(Path(args.runs).glob("**/best.pt"))
+    if not paths:
+        raise cli.UsageError(f"no checkpoints found: looked for {args.runs}/**/best.pt. Train first (python "
+                             "train.py), pass --checkpoints, or evaluate the shipped ensemble with --pretrained.")
+    return load_members(paths, device), None
+
+
+def load_split(data_source, split):
+    try:
+        return data.load_split(data_source, split)
+    except data.DataError as error:
+        raise cli.UsageError(f"{error}. Choose another --split or --data.") from error
+
+
+def evaluate_onnx(args):
+    """--backend onnx: the ONNX file's ensemble on the split, as report["ensemble"]."""
+    if args.checkpoints or args.pretrained:
+        raise cli.UsageError("--backend onnx evaluates one ONNX file (--onnx): leave out --checkpoints and --pretrained")
+    predictor = Predictor.from_onnx(args.onnx or PRETRAINED_ONNX, args.tta, args.batch_size, args.threads)
+    if args.data is None:
+        raise cli.UsageError("--backend onnx: pass --data with the images to score the ONNX ensemble on")
+    args.tta, split = predictor.tta, load_split(args.data, args.split)
+    print(f"evaluating the ONNX ensemble {predictor.path} ({predictor.precision}) on {args.data} [{args.split}], "
+          f"{len(split.labels)} images, test-time augmentation: {args.tta}")
+    images, labels, left_out = align_classes(split, predictor.classes)
+    probs = predictor.probabilities(images)
+    figures = {"onnx": str(predictor.path), "precision": predictor.precision, "method": predictor.method,
+               "weights": dict(zip(predictor.member_names, predictor.weights.tolist())), "evaluated": len(labels),
+               "left_out": left_out, **classification_figures(probs, labels, predictor.classes)}
+    report = {"data": str(args.data), "split": args.split, "tta": args.tta, "backend": "onnx", "models": {},
+              "ensemble": figures}
+    return write_report(args, args.data, report, [("ensemble", figures, predictor.classes, labels, probs)])
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    paths = [Path(p) for p in args.checkpoints] if args.checkpoints else sorted(Path(args.runs).glob("**/best.pt"))
-    if not paths:
-        sys.exit(f"error: no checkpoints found: looked for {args.runs}/**/best.pt. "
-                 "Train first (python train.py), or pass --checkpoints.")
+    if args.backend == "onnx":
+        return evaluate_onnx(args)
+    if args.onnx:
+        raise cli.UsageError(f"--onnx {args.onnx} is used by --backend onnx: add --backend onnx")
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
-    checkpoints, models = load_members(paths, device)
-    names = member_names(paths)
-    data_source = args.data or checkpoints[0]["config"]["data"]
-    try:
-        split = data.load_split(data_source, args.split)
-    except data.DataError as error:
-        sys.exit(f"error: {error}. Choose another --split or --data.")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"evaluating {len(paths)} checkpoint(s) on {data_source} [{args.split}], {len(split.labels)} images, "
+    members, shipped = chosen_members(args, device)
+    args.tta = args.tta or (shipped["tta"] if shipped else "tencrop")
+    names = unique_names([m.path for m in members])
+    data_source = args.data or members[0].data
+    if data_source is None:
+        raise cli.UsageError("--pretrained: pass --data with the images to score the shipped ensemble on")
+    split = load_split(data_source, args.split)
+    print(f"evaluating {len(members)} model(s) on {data_source} [{args.split}], {len(split.labels)} images, "
           f"test-time augmentation: {args.tta}")
 
     report = {"data": str(data_source), "split": args.split, "tta": args.tta, "models": {}}
-    sections, summary = [], []
-    member_probs = []
-    for name, path, checkpoint, model in zip(names, paths, checkpoints, models):
-        images, labels, left_out = align_classes(split, checkpoint["classes"])
-        probs = predict_probs(model, images, args.tta, args.batch_size, precision)
+    sections, member_probs = [], []
+    for name, member in zip(names, members):
+        images, labels, left_out = align_classes(split, member.classes)
+        probs = predict_probs(member.model, images, args.tta, args.batch_size, precision)
         member_probs.append(probs)
-        figures = {"checkpoint": str(path), "left_out": left_out,
-                   **classification_figures(probs, labels, checkpoint["classes"])}
+        figures = {"checkpoint": str(member.path), "evaluated": len(labels), "left_out": left_out,
+                   **classification_figures(probs, labels, member.classes)}
         report["models"][name] = figures
-        sections.append((name, figures, checkpoint["classes"], labels, probs))
+        sections.append((name, figures, member.classes, labels, probs))
 
-    if len(models) > 1:
-        class_lists = {name: c["classes"] for name, c in zip(names, checkpoints)}
-        if len({tuple(c) for c in class_lists.values()}) > 1:
-            sys.exit("error: the checkpoints have different class lists, so they cannot be ensembled: "
-                     + "; ".join(f"{n}: {', '.join(c)}" for n, c in class_lists.items()))
-        classes = checkpoints[0]["classes"]
-        record = fitted_ensemble(args, paths, names, models, classes, data_source, precision)
+    if len(members) > 1:
+        classes = common_classes(members)
+        record = shipped or fitted_ensemble(args, members, names, classes, data_source, precision)
         weights = [m["weight"] for m in record["members"]]
         probs = ensemble.weighted_average(member_probs, weights)
         figures = {"weights": dict(zip(names, weights)), "method": record["method"],
-                   "val_accuracy": record["val_accuracy"], **classification_figures(probs, labels, classes)}
+                   "val_accuracy": record["val_accuracy"], "evaluated": len(labels), "left_out": left_out,
+                   **classification_figures(probs, labels, classes)}
         report["ensemble"] = figures
         sections.append(("ensemble", figures, classes, labels, probs))
+    return write_report(args, data_source, report, sections)
 
+
+def write_report(args, data_source, report, sections):
+    """Print each section and write report.json, report.md and a confusion PNG per section to --out."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = []
     markdown = [f"# Evaluation on {data_source} [{args.split}], test-time augmentation: {args.tta}", ""]
     for name, figures, classes, labels, probs in sections:
         png = f"confusion_{name}.png"
@@ -238,4 +228,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -2,6 +2,8 @@
 
 Both networks take a batch of 1x48x48 grayscale faces scaled to [0, 1] and return class logits.
 No input normalisation is needed: each starts with a convolution followed by batch norm.
+Adding an architecture is one function, `@register(epochs=N)`, that builds it for a number of classes:
+train.py's --models, `python models.py` and checkpoint loading then know it by the function's name.
 """
 import contextlib
 import os
@@ -9,6 +11,18 @@ import os
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+# Every architecture by name, in registration order: (function(num_classes) -> network, default --epochs).
+MODELS = {}
+
+
+def register(epochs):
+    """A decorator adding its function to MODELS under the function's name, trained for `epochs`
+    epochs unless --epochs says otherwise."""
+    def add(build):
+        MODELS[build.__name__] = (build, epochs)
+        return build
+    return add
 
 
 def conv_bn(in_channels, out_channels, kernel_size=3):
@@ -28,6 +42,7 @@ def conv_block(in_channels, out_channels, convs, dropout):
     return layers + [nn.MaxPool2d(2), nn.Dropout(dropout)]
 
 
+@register(epochs=60)
 def model_x(num_classes, width=32, dropout=0.25):
     """VGG-style: four blocks of two 3x3 convs (48->24->12->6->3), then a two-layer head."""
     widths = [width, width * 2, width * 4, width * 8]
@@ -59,6 +74,9 @@ class ResidualBlock(nn.Module):
         return self.relu(self.body(x) + self.shortcut(x))
 
 
+# model_y's epochs are cheaper than model_x's, so it gets more of them within the same time budget
+# (both models in 90 minutes on two CPU cores).
+@register(epochs=72)
 def model_y(num_classes, width=32, dropout=0.3):
     """A 5x5 stem, then three residual blocks (48->24->12->6) and global average pooling: seven conv
     layers on the main path (depth counted as ResNet counts it) against model_x's eight.
@@ -79,13 +97,20 @@ def model_y(num_classes, width=32, dropout=0.3):
     )
 
 
-MODELS = {"model_x": model_x, "model_y": model_y}
+def check_known(name):
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
 
 
 def build_model(name, num_classes):
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
-    return MODELS[name](num_classes)
+    check_known(name)
+    return MODELS[name][0](num_classes)
+
+
+def default_epochs(name):
+    """The epochs `name` trains for when --epochs is not given."""
+    check_known(name)
+    return MODELS[name][1]
 
 
 def describe_model(model):
@@ -112,7 +137,7 @@ def pick_device(name="auto"):
 
 
 def resolve_precision(precision, device):
-    """`auto` is bf16 on CPU (about 2.8x fp32's training speed on AVX-512 cores, by benchmarks/speed.py)
+    """`auto` is bf16 on CPU (where it trains faster than fp32: benchmarks/speed.py measures by how much)
     and on CUDA GPUs that support it, fp16 on older CUDA GPUs, and fp32 elsewhere."""
     if precision != "auto":
         return precision
@@ -152,11 +177,12 @@ def model_from_checkpoint(checkpoint, device="cpu"):
 
 
 def size_table(num_classes=7):
-    """A markdown table of every registered model's parameters and multiply-adds per image."""
-    lines = ["| model | parameters | multiply-adds per 48x48 image |", "| --- | ---: | ---: |"]
+    """A markdown table of every registered model's parameters, multiply-adds per image and default epochs."""
+    lines = ["| model | parameters | multiply-adds per 48x48 image | default epochs |", "| --- | ---: | ---: | ---: |"]
     for name in MODELS:
         size = describe_model(build_model(name, num_classes))
-        lines.append(f"| {name} | {size['parameters'] / 1e6:.2f} M | {size['macs'] / 1e6:.0f} M |")
+        lines.append(f"| {name} | {size['parameters'] / 1e6:.2f} M | {size['macs'] / 1e6:.0f} M | "
+                     f"{default_epochs(name)} |")
     return "\n".join(lines)
 
 

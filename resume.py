@@ -1,11 +1,15 @@
 """Continuing an interrupted training run: whether the run folder's checkpoint fits, the settings the
-run continues with (the saved ones, overridden by the flags given now), and putting the optimizer,
-scheduler and random-number generators back where they were."""
+run continues with (the saved ones, overridden by the flags given now, with every command that trained
+it), and putting the optimizer, scheduler and random-number generators back where they were."""
 import argparse
-import sys
+import copy
+import subprocess
+from pathlib import Path
 
 import torch
 
+from cli import UsageError
+from distributed import derived_seed
 from models import load_checkpoint
 
 
@@ -14,18 +18,18 @@ def open_run(name, args, classes, run_dir):
     last = run_dir / "last.pt"
     if not args.resume:
         if last.exists() and not args.overwrite:
-            sys.exit(f"error: {run_dir} already holds a run. Pass --resume to continue it, --overwrite to "
-                     "replace it, or --out to train elsewhere.")
+            raise UsageError(f"{run_dir} already holds a run. Pass --resume to continue it, --overwrite to "
+                             "replace it, or --out to train elsewhere.")
         return None
     if not last.exists():
-        sys.exit(f"error: --resume: no {last}. Start the run without --resume.")
+        raise UsageError(f"--resume: no {last}. Start the run without --resume.")
     try:
         checkpoint = load_checkpoint(last)
     except ValueError as error:
-        sys.exit(f"error: --resume: {error}")
+        raise UsageError(f"--resume: {error}") from error
     if checkpoint.get("model_name") != name or checkpoint.get("classes") != classes:
-        sys.exit(f"error: --resume: {last} is a {checkpoint.get('model_name')} run on classes "
-                 f"{checkpoint.get('classes')}, not {name} on {classes}. Use another --out.")
+        raise UsageError(f"--resume: {last} is a {checkpoint.get('model_name')} run on classes "
+                         f"{checkpoint.get('classes')}, not {name} on {classes}. Use another --out.")
     return checkpoint
 
 
@@ -37,17 +41,42 @@ def saved_data_source(last):
         return None  # open_run explains what is wrong with the checkpoint
 
 
-def resumed_config(args, parser, checkpoint):
-    """The run's saved settings, overridden by the flags given on this command line."""
+def given_flags(parser, argv=None):
+    """The names (dests) of the flags given in `argv`, whatever their values. A value equal to the
+    default says nothing about whether it was typed, so a copy of the parser in which no flag has a
+    default parses `argv` again: only the given flags appear in what it returns."""
+    probe = copy.deepcopy(parser)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
+
+
+def resumed_config(args, given, checkpoint):
+    """The run's saved settings, overridden by the flags given on this command line (`given`, from
+    given_flags), even where a given value equals the default; a flag the run predates takes its value now."""
     config = dict(checkpoint["config"])
-    for key, value in vars(args).items():
-        if value != parser.get_default(key) or key not in config:
-            config[key] = value
+    config.update({key: value for key, value in vars(args).items() if key in given or key not in config})
     saved_schedule = checkpoint["config"].get("schedule", config["schedule"])
     if config["schedule"] != saved_schedule:  # one scheduler's state means nothing to the other
-        sys.exit(f"error: --resume: this run was trained with --schedule {saved_schedule}; it cannot switch to "
-                 f"--schedule {config['schedule']}. Resume without --schedule, or start a new run with --out.")
+        raise UsageError(f"--resume: this run was trained with --schedule {saved_schedule}; it cannot switch to "
+                         f"--schedule {config['schedule']}. Resume without --schedule, or start a new run with --out.")
     return argparse.Namespace(**config)
+
+
+def code_version():
+    """The commit the code came from (with -dirty for uncommitted changes), or None outside git."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
+                              text=True, check=True, cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def with_provenance(args, checkpoint, invocation):
+    """`args` with every command that has trained this run so far and the code's commit: export.py
+    records them beside the shipped weights."""
+    earlier = checkpoint["config"].get("commands", []) if checkpoint else []
+    return argparse.Namespace(**{**vars(args), "commands": [*earlier, invocation], "commit": code_version()})
 
 
 # The parts of a scheduler's state that come from flags; the rest (epoch count, best loss, ...) is progress.
@@ -89,3 +118,19 @@ def restore_rng(state, device, generator):
     generator.set_state(state["augment"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def restore_rank_rng(checkpoint, rank, seed, device, generator):
+    """Put process `rank`'s generators back where the saved run left them. A checkpoint holds every
+    rank's generator states ("rng": rank 0's, as a single-process run saves them; "rank_rng": ranks 1,
+    2, ...), so a resume with the same process count continues every stream and repeats the
+    uninterrupted run. With fewer processes the extra ranks' streams are dropped; with more, a rank the
+    saved run did not have starts a stream seeded from (seed, rank, epoch, batch): reproducible for a
+    given seed, process count and stopping point."""
+    states = [checkpoint["rng"], *checkpoint.get("rank_rng", [])]
+    if rank < len(states):
+        restore_rng(states[rank], device, generator)
+    else:
+        fresh = derived_seed(seed, rank, checkpoint["progress"]["epoch"], checkpoint["progress"]["batch"])
+        torch.manual_seed(fresh)
+        generator.manual_seed(fresh)

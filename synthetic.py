@@ -130,14 +130,25 @@ def save_sample_grid(path, per_class=8, seed=0):
     grid.save(path)
 
 
+def save_face(path, emotion, seed=0, scale=4):
+    """One synthetic face of `emotion`, enlarged `scale` times: an input for predict.py --no-detect."""
+    face = render_face(np.random.default_rng([seed, SPLIT_IDS["test"], CLASSES.index(emotion)]), emotion)
+    Image.fromarray(face).resize((48 * scale, 48 * scale), Image.Resampling.BILINEAR).save(path)
+
+
 def main():
-    parser = argparse.ArgumentParser(description="Save a grid of synthetic faces, one row per class.")
+    parser = argparse.ArgumentParser(description="Save a grid of synthetic faces, one row per class, or one face.")
     parser.add_argument("--out", default="runs/synthetic_samples.png", help="PNG to write (default: %(default)s)")
-    parser.add_argument("--per-class", type=int, default=8, help="faces per class (default: %(default)s)")
+    parser.add_argument("--per-class", type=int, default=8, help="faces per class in the grid (default: %(default)s)")
+    parser.add_argument("--face", choices=CLASSES, default=None,
+                        help="write one enlarged face with this expression instead of the grid (default: the grid)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     args = parser.parse_args()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    save_sample_grid(args.out, args.per_class, args.seed)
+    if args.face:
+        save_face(args.out, args.face, args.seed)
+    else:
+        save_sample_grid(args.out, args.per_class, args.seed)
     print(f"wrote {args.out}")
 
 

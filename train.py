@@ -1,9 +1,10 @@
-"""Train facial-expression CNNs (model_x, model_y) with batch augmentation, SGD and a learning-rate
+"""Train the facial-expression CNNs of models.py with batch augmentation, SGD and a learning-rate
 schedule (cosine decay by default, or reduced on plateau). One run folder per model under --out holds
 metrics.csv, curves.png, config.json, last.pt (every epoch) and best.pt (best validation accuracy).
 
     python train.py --data ../shared/data/fer2013
     python train.py --resume            # continue an interrupted run where it stopped
+    torchrun --standalone --nproc_per_node=2 train.py ...   # the same recipe on 2 GPUs: distributed.py
 """
 import argparse
 import csv
@@ -11,6 +12,7 @@ import io
 import json
 import math
 import platform
+import shlex
 import shutil
 import signal
 import sys
@@ -25,37 +27,19 @@ import torchvision
 from tqdm import tqdm
 
 import augment
+import cli
 import data
+import distributed
 from files import write_atomic, write_text_atomic
-from models import MODELS, autocast, build_model, default_threads, describe_model, pick_device, resolve_precision
-from resume import (open_run, restore_rng, resume_optimizer, resume_scheduler, resumed_config, rng_state,
-                    saved_data_source)
+from models import MODELS, autocast, build_model, default_epochs, describe_model, resolve_precision
+from resume import (given_flags, open_run, restore_rank_rng, resume_optimizer, resume_scheduler, resumed_config,
+                    rng_state, saved_data_source, with_provenance)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_sec"]
 AUGMENT_FLAGS = list(augment.DEFAULTS)
-# An epoch of model_y costs about three quarters of one of model_x, so model_y gets more of them within
-# the same budget (both models in 90 minutes on 2 CPU cores); 72 instead of 60 lifts the ensemble's
-# FER-2013 validation accuracy by 0.1-1.1 points (README, "Ablations").
-DEFAULT_EPOCHS = {"model_x": 60, "model_y": 72}
-
-
-def positive(kind):
-    def parse(text):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-        return value
-    return parse
-
-
-def probability(text):
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
 
 
 def build_parser():
@@ -68,41 +52,49 @@ def build_parser():
     p.add_argument("--resume", action="store_true",
                    help="continue each model's run from its last.pt; flags you pass override its saved ones")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run instead of refusing")
-    p.add_argument("--epochs", type=positive(int), default=None,
+    p.add_argument("--epochs", type=cli.positive(int), default=None,
                    help="maximum epochs, for every model trained; None: each model's own, "
-                        + ", ".join(f"{name} {epochs}" for name, epochs in DEFAULT_EPOCHS.items()))
-    p.add_argument("--batch-size", type=positive(int), default=128, help="training (and validation) batch size")
-    p.add_argument("--lr", type=positive(float), default=0.03, help="initial SGD learning rate")
+                        + ", ".join(f"{name} {default_epochs(name)}" for name in MODELS))
+    p.add_argument("--lr", type=cli.positive(float), default=0.03, help="initial SGD learning rate")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True, help="Nesterov momentum")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
-    p.add_argument("--label-smoothing", type=probability, default=0.1, help="cross-entropy label smoothing")
+    p.add_argument("--label-smoothing", type=cli.probability, default=0.1, help="cross-entropy label smoothing")
     p.add_argument("--schedule", default="cosine", choices=["plateau", "cosine"],
                    help="how the learning rate falls: cosine (a cosine decay from the initial rate to the floor "
-                        "over all epochs) or plateau (cut when validation loss stalls, the seed's schedule)")
+                        "over all epochs) or plateau (cut when validation loss stalls, the original project's "
+                        "schedule)")
     p.add_argument("--plateau-patience", type=int, default=3,
-                   help="epochs without validation-loss improvement before the learning rate is cut")
-    p.add_argument("--plateau-factor", type=probability, default=0.3, help="learning-rate cut factor")
+                   help="plateau schedule: epochs without validation-loss improvement before the learning rate is "
+                        "cut, or, once it is at --min-lr, before training stops")
+    p.add_argument("--plateau-factor", type=cli.probability, default=0.3,
+                   help="plateau schedule: learning-rate cut factor")
     p.add_argument("--min-lr", type=float, default=3e-4,
-                   help="learning-rate floor; training stops once there and validation stops improving")
-    p.add_argument("--hflip", type=probability, default=augment.DEFAULTS["hflip"], help="horizontal flip probability")
-    p.add_argument("--vflip", type=probability, default=augment.DEFAULTS["vflip"],
+                   help="learning-rate floor; under --schedule plateau, training stops early once the rate is there "
+                        "and validation loss has not improved for more than --plateau-patience epochs")
+    p.add_argument("--hflip", type=cli.probability, default=augment.DEFAULTS["hflip"],
+                   help="horizontal flip probability")
+    p.add_argument("--vflip", type=cli.probability, default=augment.DEFAULTS["vflip"],
                    help="vertical flip probability (faces are never upside down)")
     p.add_argument("--rotation", type=float, default=augment.DEFAULTS["rotation"], help="maximum rotation, degrees")
-    p.add_argument("--crop-scale", type=probability, default=augment.DEFAULTS["crop_scale"],
+    p.add_argument("--crop-scale", type=cli.probability, default=augment.DEFAULTS["crop_scale"],
                    help="smallest area fraction of the random resized crop (1 = off)")
-    p.add_argument("--brightness", type=probability, default=augment.DEFAULTS["brightness"],
+    p.add_argument("--brightness", type=cli.probability, default=augment.DEFAULTS["brightness"],
                    help="maximum relative brightness change")
-    p.add_argument("--contrast", type=probability, default=augment.DEFAULTS["contrast"],
+    p.add_argument("--contrast", type=cli.probability, default=augment.DEFAULTS["contrast"],
                    help="maximum relative contrast change")
-    p.add_argument("--erasing", type=probability, default=augment.DEFAULTS["erasing"], help="random erasing probability")
+    p.add_argument("--erasing", type=cli.probability, default=augment.DEFAULTS["erasing"],
+                   help="random erasing probability")
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same run")
-    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="auto: bf16 autocast on CPU and recent GPUs, fp16 on older GPUs")
+    cli.add_device_flags(p, batch_size=128, batch_help="training (and validation) batch size")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels-last memory format (faster convolutions on CPU and tensor cores)")
-    p.add_argument("--threads", type=positive(int), default=default_threads(), help="CPU threads")
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
+                   help="under torchrun: batch norm statistics over the whole global batch, not each process's "
+                        "part (CUDA only; closest to one process's math, a little slower)")
+    p.add_argument("--dist-timeout", type=cli.positive(float), default=120.0,
+                   help="under torchrun: seconds a process waits for the others (to join, or in a collective) "
+                        "before failing, so a killed or hung process ends the run instead of hanging it")
     return p
 
 
@@ -124,11 +116,11 @@ def check_writable(run_dir, parameters):
         write_text_atomic(run_dir / ".write-test", "ok")
         (run_dir / ".write-test").unlink()
     except OSError as error:
-        sys.exit(f"error: cannot write to {run_dir}: {error.strerror or error}. Choose another --out.")
+        raise cli.UsageError(f"cannot write to {run_dir}: {error.strerror or error}. Choose another --out.") from error
     needed = parameters * 4 * 3 * 2 + 20_000_000  # weights and momentum, last and best, plus plots
     free = shutil.disk_usage(run_dir).free
     if free < needed:
-        sys.exit(f"error: {run_dir} has {free / 1e6:.0f} MB free; a run needs about {needed / 1e6:.0f} MB.")
+        raise cli.UsageError(f"{run_dir} has {free / 1e6:.0f} MB free; a run needs about {needed / 1e6:.0f} MB.")
 
 
 def epoch_order(count, seed, epoch, device):
@@ -139,7 +131,8 @@ def epoch_order(count, seed, epoch, device):
 
 @torch.inference_mode()
 def evaluate_split(model, images, labels, device, precision, channels_last, batch_size):
-    """Mean cross-entropy and accuracy of `model` on uint8 images already on `device`."""
+    """Mean cross-entropy and accuracy of `model` on uint8 images already on `device`; under torchrun,
+    each process passes its shard of the split and the sums are added up over the processes."""
     model.eval()
     # Summed on the device (in float64, as Python floats would be) and read once: no sync per batch.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -153,7 +146,9 @@ def evaluate_split(model, images, labels, device, precision, channels_last, batc
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
         correct += (logits.argmax(1) == y).sum()
-    return loss_sum.item() / len(labels), correct.item() / len(labels)
+    count = torch.tensor(len(labels), dtype=torch.float64, device=device)
+    loss_sum, correct, count = distributed.all_reduce_sum(torch.stack([loss_sum, correct.double(), count])).tolist()
+    return loss_sum / count, correct / count
 
 
 def build_optimizer(model, args):
@@ -168,21 +163,28 @@ def build_scheduler(optimizer, args):
         optimizer, factor=args.plateau_factor, patience=args.plateau_patience, min_lr=args.min_lr)
 
 
-def train_step(model, optimizer, scaler, x, y, device, precision, label_smoothing):
-    """One SGD step on a batch: (loss, correct predictions). A loss that is not finite is returned
-    before any weight changes, so the caller can stop with the last good weights intact."""
+def train_step(model, optimizer, scaler, x, y, device, precision, label_smoothing, batch_images=None, stop=False):
+    """One SGD step on this process's part (x, y) of a batch of `batch_images` images (default: all of
+    it): (mean loss, correct predictions, images) over the whole batch, and whether any process was
+    asked to `stop`. A loss that is not finite is returned before any weight changes, on every
+    process alike, so the caller can stop with the last good weights intact."""
     with autocast(device, precision):
         logits = model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
     correct = (logits.argmax(1) == y).sum()
-    loss_value, correct = torch.stack([loss.detach().float(), correct.float()]).tolist()  # one device sync
-    if not math.isfinite(loss_value):
-        return loss_value, 0
+    counts = torch.tensor([len(y), stop], dtype=torch.float64, device=device)
+    totals = torch.cat([torch.stack([loss.detach().double() * len(y), correct.double()]), counts])
+    loss_sum, correct, seen, stop = distributed.all_reduce_sum(totals).tolist()  # one device sync
+    if not math.isfinite(loss_sum):
+        return loss_sum, 0, int(seen), stop > 0
+    # DDP averages the processes' gradients: weighting each part by its share of the batch makes that
+    # the gradient of the whole batch's mean loss, as one process computes it (1 in a single process).
+    share = len(y) * distributed.world_size() / (batch_images or len(y))
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    scaler.scale(loss if share == 1 else loss * share).backward()
     scaler.step(optimizer)
     scaler.update()
-    return loss_value, int(correct)
+    return loss_sum / seen, int(correct), int(seen), stop > 0
 
 
 def write_metrics(run_dir, metrics):
@@ -210,7 +212,7 @@ def plot_curves(run_dir, metrics, title):
 
 
 def divergence_message(name, what, lr, run_dir):
-    return (f"error: {name}: the {what}. Kept {run_dir / 'last.pt'} from the last good epoch. The learning "
+    return (f"{name}: the {what}. Kept {run_dir / 'last.pt'} from the last good epoch. The learning "
             f"rate {lr:g} is likely too high: try --lr {lr / 3:.2g}, or --precision fp32.")
 
 
@@ -224,23 +226,28 @@ def request_stop(signum, frame):
 
 
 def train_model(name, args, train, val, run_dir, checkpoint):
-    device = pick_device(args.device)
+    device = distributed.device_for(args.device)
+    rank, master = distributed.rank(), distributed.is_master()
     precision = resolve_precision(args.precision, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every batch is 48x48: cuDNN times its kernels once, keeps the fastest
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same initial weights in every process
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = build_model(name, len(train.classes)).to(device, memory_format=memory_format)
     size = describe_model(model)
-    print(f"{name}: {size['parameters'] / 1e6:.2f} M parameters, {size['macs'] / 1e6:.0f} M multiply-adds "
-          f"per image; {device.type}, {precision}, {len(train.labels)} training images")
-    check_writable(run_dir, size["parameters"])
-    for leftover in run_dir.glob(".*.tmp"):  # from a run killed while writing a file
-        leftover.unlink()
+    distributed.on_master(check_writable, run_dir, size["parameters"])
+    if master:
+        print(f"{name}: {size['parameters'] / 1e6:.2f} M parameters, {size['macs'] / 1e6:.0f} M multiply-adds "
+              f"per image; {device.type}, {precision}, {len(train.labels)} training images"
+              + (f"; {distributed.world_size()} processes" if distributed.launched() else ""))
+        for leftover in run_dir.glob(".*.tmp"):  # from a run killed while writing a file
+            leftover.unlink()
     optimizer = build_optimizer(model, args)
     scheduler = build_scheduler(optimizer, args)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    generator = torch.Generator(device).manual_seed(args.seed)
+    generator = torch.Generator(device).manual_seed(distributed.rank_seed(args.seed, rank))
+    if rank:  # each process its own dropout (and augmentation): seeded from (seed, rank)
+        torch.manual_seed(distributed.rank_seed(args.seed, rank))
     progress = {"epoch": 0, "batch": 0, "loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0,
                 "best_val_acc": -1.0, "best_val_loss": math.inf, "epochs_since_best_loss": 0, "stopped": ""}
     metrics = []
@@ -249,24 +256,30 @@ def train_model(name, args, train, val, run_dir, checkpoint):
         resume_optimizer(optimizer, checkpoint["optimizer"], checkpoint["config"]["lr"])
         resume_scheduler(scheduler, checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
-        restore_rng(checkpoint["rng"], device, generator)
+        restore_rank_rng(checkpoint, rank, args.seed, device, generator)
         progress, metrics = checkpoint["progress"], checkpoint["metrics"]
-        print(f"{name}: resuming at epoch {progress['epoch'] + 1}, batch {progress['batch']}")
-    write_text_atomic(run_dir / "config.json", json.dumps({
-        **vars(args), "model_name": name, "classes": train.classes, "size": size, "device": str(device),
-        "resolved_precision": precision, "versions": {
-            "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__}}, indent=2))
+        if master:
+            print(f"{name}: resuming at epoch {progress['epoch'] + 1}, batch {progress['batch']}")
+    if master:
+        write_text_atomic(run_dir / "config.json", json.dumps({
+            **vars(args), "model_name": name, "classes": train.classes, "size": size, "device": str(device),
+            "resolved_precision": precision, "processes": distributed.world_size(), "versions": {
+                "python": platform.python_version(), "torch": torch.__version__,
+                "torchvision": torchvision.__version__}}, indent=2))
+    # Under torchrun `model` is the DistributedDataParallel wrapper that trains; `plain` is validated and saved.
+    model, plain = distributed.wrap(model, device, args.sync_bn)
 
     def save(path):
-        state = {"model_name": name, "classes": train.classes, "config": vars(args), "model": model.state_dict(),
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict(), "rng": rng_state(device, generator), "progress": dict(progress),
-                 "metrics": metrics}
-        write_atomic(path, lambda file: torch.save(state, file))
+        rngs = distributed.gather(rng_state(device, generator))  # every process takes part; rank 0 writes
+        if master:
+            state = {"model_name": name, "classes": train.classes, "config": vars(args), "model": plain.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "rng": rngs[0], "rank_rng": rngs[1:], "progress": dict(progress),
+                     "metrics": metrics}
+            write_atomic(path, lambda file: torch.save(state, file))
 
     images, labels = train.images.to(device), train.labels.to(device)
-    val_images, val_labels = val.images.to(device), val.labels.to(device)
+    val_images, val_labels = distributed.shard(val.images).to(device), distributed.shard(val.labels).to(device)
     augmentation = {key: getattr(args, key) for key in AUGMENT_FLAGS}
     batches = math.ceil(len(labels) / args.batch_size)
     while progress["epoch"] < args.epochs and not progress["stopped"]:
@@ -275,43 +288,50 @@ def train_model(name, args, train, val, run_dir, checkpoint):
         lr = optimizer.param_groups[0]["lr"]
         model.train()
         bar = tqdm(range(progress["batch"], batches), desc=f"{name} epoch {epoch + 1}/{args.epochs}",
-                   initial=progress["batch"], total=batches, unit="batch", disable=None, leave=False)
+                   initial=progress["batch"], total=batches, unit="batch", disable=None if master else True,
+                   leave=False)
         started = time.perf_counter() - progress["seconds"]
         for batch in bar:
-            index = order[batch * args.batch_size:(batch + 1) * args.batch_size]
+            whole = order[batch * args.batch_size:(batch + 1) * args.batch_size]
+            index = distributed.shard(whole)  # this process's part of the batch
             x = augment.augment_batch(images[index].float().div_(255), generator, **augmentation)
             x = x.contiguous(memory_format=memory_format)
             y = labels[index]
-            loss_value, correct = train_step(model, optimizer, scaler, x, y, device, precision, args.label_smoothing)
+            loss_value, correct, seen, stop = train_step(model, optimizer, scaler, x, y, device, precision,
+                                                         args.label_smoothing, len(whole), stop_requested.is_set())
             if not math.isfinite(loss_value):
-                sys.exit(divergence_message(name, f"loss became {loss_value} at epoch {epoch + 1}, batch {batch + 1}",
-                                            lr, run_dir))
-            progress["loss_sum"] += loss_value * len(y)
+                raise cli.UsageError(divergence_message(
+                    name, f"loss became {loss_value} at epoch {epoch + 1}, batch {batch + 1}", lr, run_dir))
+            progress["loss_sum"] += loss_value * seen
             progress["correct"] += correct
-            progress["seen"] += len(y)
+            progress["seen"] += seen
             progress["batch"] = batch + 1
             if batch % 10 == 0:
                 bar.set_postfix(loss=f"{progress['loss_sum'] / progress['seen']:.3f}")
-            if stop_requested.is_set():
+            if stop:  # Ctrl-C or SIGTERM reached at least one process: all of them stop here
                 progress["seconds"] = time.perf_counter() - started
                 save(run_dir / "last.pt")
-                print(f"\n{name}: interrupted at epoch {epoch + 1}, batch {batch + 1}; saved {run_dir / 'last.pt'}. "
-                      f"Continue with: python train.py --resume --out {args.out} --models {name}")
+                if master:
+                    print(f"\n{name}: interrupted at epoch {epoch + 1}, batch {batch + 1}; saved {run_dir}/last.pt. "
+                          f"Continue with: python train.py --resume --out {args.out} --models {name}"
+                          + (" (or under torchrun, with any number of processes)" if distributed.launched() else ""))
                 sys.exit(130)
         bar.close()
         seconds = time.perf_counter() - started
-        val_loss, val_acc = evaluate_split(model, val_images, val_labels, device, precision, args.channels_last,
+        distributed.average_buffers(plain)  # batch norm's running statistics: one model on every process
+        val_loss, val_acc = evaluate_split(plain, val_images, val_labels, device, precision, args.channels_last,
                                            args.batch_size)
         if not math.isfinite(val_loss):  # weights can overflow even while the batch losses stay finite
-            sys.exit(divergence_message(name, f"validation loss became {val_loss} at epoch {epoch + 1}, "
-                                        f"batch {batches}", lr, run_dir))
+            raise cli.UsageError(divergence_message(
+                name, f"validation loss became {val_loss} at epoch {epoch + 1}, batch {batches}", lr, run_dir))
         metrics.append({"epoch": epoch + 1, "train_loss": round(progress["loss_sum"] / progress["seen"], 5),
                         "train_acc": round(progress["correct"] / progress["seen"], 5),
                         "val_loss": round(val_loss, 5), "val_acc": round(val_acc, 5), "lr": lr,
                         "seconds": round(seconds, 2), "images_per_sec": round(progress["seen"] / seconds, 1)})
-        print(f"{name} epoch {epoch + 1}/{args.epochs}: train loss {metrics[-1]['train_loss']:.3f} "
-              f"acc {100 * metrics[-1]['train_acc']:.1f}% | val loss {val_loss:.3f} acc {100 * val_acc:.1f}% | "
-              f"lr {lr:.3g} | {seconds:.0f} s, {metrics[-1]['images_per_sec']:.0f} img/s", flush=True)
+        if master:
+            print(f"{name} epoch {epoch + 1}/{args.epochs}: train loss {metrics[-1]['train_loss']:.3f} "
+                  f"acc {100 * metrics[-1]['train_acc']:.1f}% | val loss {val_loss:.3f} acc {100 * val_acc:.1f}% | "
+                  f"lr {lr:.3g} | {seconds:.0f} s, {metrics[-1]['images_per_sec']:.0f} img/s", flush=True)
         if args.schedule == "plateau":
             scheduler.step(val_loss)
         else:
@@ -320,16 +340,18 @@ def train_model(name, args, train, val, run_dir, checkpoint):
         progress.update(epoch=epoch + 1, batch=0, loss_sum=0.0, correct=0, seen=0, seconds=0.0,
                         best_val_loss=min(val_loss, progress["best_val_loss"]),
                         epochs_since_best_loss=0 if improved_loss else progress["epochs_since_best_loss"] + 1)
+        # Only the plateau schedule stops early: cosine reaches --min-lr only after its last epoch.
         at_floor = optimizer.param_groups[0]["lr"] <= args.min_lr * (1 + 1e-6)
-        if at_floor and progress["epochs_since_best_loss"] > args.plateau_patience:
+        if args.schedule == "plateau" and at_floor and progress["epochs_since_best_loss"] > args.plateau_patience:
             progress["stopped"] = "learning rate at its floor and validation loss no longer improving"
         if val_acc > progress["best_val_acc"]:
             progress["best_val_acc"] = val_acc
             save(run_dir / "best.pt")  # before last.pt: a kill in between redoes this epoch identically
         save(run_dir / "last.pt")
-        write_metrics(run_dir, metrics)
-        plot_curves(run_dir, metrics, name)
-    if metrics:
+        if master:
+            write_metrics(run_dir, metrics)
+            plot_curves(run_dir, metrics, name)
+    if metrics and master:
         write_metrics(run_dir, metrics)
         plot_curves(run_dir, metrics, name)
         reason = progress["stopped"] or f"reached --epochs {args.epochs}"
@@ -339,30 +361,47 @@ def train_model(name, args, train, val, run_dir, checkpoint):
 
 def with_model_epochs(args, name):
     """`args` with --epochs set: as given (or saved in the resumed run), else the model's default."""
-    return argparse.Namespace(**{**vars(args), "epochs": args.epochs or DEFAULT_EPOCHS[name]})
+    return argparse.Namespace(**{**vars(args), "epochs": args.epochs or default_epochs(name)})
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.resume and args.data is None:
-        args.data = saved_data_source(Path(args.out) / args.models[0] / "last.pt")
-    args.data = resolve_data(args.data)
+    # Every model trains on the data loaded below (a resumed run's own unless --data is given): it counts as given.
+    given = given_flags(parser, argv) | {"data"}
+    invocation = shlex.join(["python", "train.py", *(sys.argv[1:] if argv is None else argv)])
+    device = distributed.device_for(args.device)
+    if not args.resume:  # under torchrun: before any work, on every process (a resumed run's, once read)
+        distributed.check_launch(args.batch_size, args.sync_bn, device)
+    torch.set_num_threads(args.threads if "threads" in given else distributed.threads_per_process(args.threads))
+    distributed.setup(device, args.dist_timeout)  # joins the process group under torchrun; nothing otherwise
     try:
-        train, val = data.load_train_val(args.data)
-    except data.DataError as error:
-        sys.exit(f"error: {error}")
-    print(f"data: {args.data}: {len(train.labels)} train, {len(val.labels)} validation images, "
-          f"classes {', '.join(train.classes)}")
+        train_models(args, given, invocation)
+    finally:
+        distributed.teardown()
+
+
+def train_models(args, given, invocation):
+    master = distributed.is_master()
+    if args.resume and args.data is None:
+        args.data = distributed.on_master(saved_data_source, Path(args.out) / args.models[0] / "last.pt")
+    args.data = distributed.on_master(resolve_data, args.data)
+    train, val = data.load_train_val(args.data)
+    if master:
+        print(f"data: {args.data}: {len(train.labels)} train, {len(val.labels)} validation images, "
+              f"classes {', '.join(train.classes)}")
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     for name in args.models:
         run_dir = Path(args.out) / name
-        checkpoint = open_run(name, args, train.classes, run_dir)
-        config = resumed_config(args, parser, checkpoint) if checkpoint else args
-        train_model(name, with_model_epochs(config, name), train, val, run_dir, checkpoint)
+        # Rank 0 reads the run folder (perhaps on its disk only) and hands the checkpoint to every process.
+        checkpoint = distributed.on_master(open_run, name, args, train.classes, run_dir)
+        config = resumed_config(args, given, checkpoint) if checkpoint else args
+        config = with_provenance(with_model_epochs(config, name), checkpoint, invocation)
+        distributed.check_launch(config.batch_size, config.sync_bn, distributed.device_for(config.device),
+                                 len(train.labels))
+        train_model(name, config, train, val, run_dir, checkpoint)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

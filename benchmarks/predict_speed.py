@@ -3,22 +3,27 @@
 
     python benchmarks/predict_speed.py                      # runs/evaluation/ensemble.json, else runs/**/best.pt
     python benchmarks/predict_speed.py --checkpoints runs/model_x/best.pt --precision fp32
+    python benchmarks/predict_speed.py --ensemble weights/ensemble.json --onnx weights/ensemble.onnx
 
 It trains nothing: it times already-trained checkpoints on synthetic faces pasted on a textured
-background, prints a markdown table, and writes the figures to --out as JSON.
+background, prints markdown tables, and writes the figures to --out as JSON. The first table is the
+default torch path; the second compares backends: torch bf16 and fp32, and with --onnx, ONNX Runtime
+fp32 and int8 (export.py --format onnx / onnx-int8), each with TTA none and flip.
 """
 import argparse
 import statistics
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from common import machine, publish, timings
 
-import predict  # noqa: E402  (common put the repository on the path)
+import cli  # noqa: E402  (common put the repository on the path)
+import inference  # noqa: E402
+import onnx_ensemble  # noqa: E402
 import synthetic  # noqa: E402
-from evaluate import TTA_CHOICES  # noqa: E402
-from models import default_threads  # noqa: E402
+from inference import TTA_CHOICES  # noqa: E402
 
 IMAGE_SIZE = (640, 480)
 FACE_SIZE = 160
@@ -31,13 +36,17 @@ def build_parser():
     source.add_argument("--checkpoints", nargs="+", default=None, help="checkpoint files; unset: see --ensemble")
     source.add_argument("--ensemble", default=None,
                         help="ensemble.json; unset: runs/evaluation/ensemble.json if it exists, else every runs/**/best.pt")
-    p.add_argument("--faces", type=predict.positive_int, default=128, help="images (one face each) in the batch runs")
-    p.add_argument("--repeats", type=predict.positive_int, default=50, help="calls whose median is the latency")
+    p.add_argument("--faces", type=cli.positive(int), default=128, help="images (one face each) in the batch runs")
+    p.add_argument("--repeats", type=cli.positive(int), default=50, help="calls whose median is the latency")
     p.add_argument("--tta", default=None, choices=TTA_CHOICES, help="unset: the ensemble's recorded one, none otherwise")
-    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="as in predict.py")
-    p.add_argument("--threads", type=predict.positive_int, default=default_threads(), help="CPU threads")
+    cli.add_device_flags(p, batch_size=256, batch_help="faces per forward pass, as in predict.py")
+    p.add_argument("--onnx", default=None, metavar="PATH",
+                   help="ensemble.onnx (export.py --format onnx) for an ONNX Runtime fp32 row; unset: no ONNX rows")
+    p.add_argument("--onnx-int8", default=None, metavar="PATH",
+                   help=f"int8 file for an ONNX Runtime int8 row; unset: {onnx_ensemble.INT8_NAME} beside --onnx, "
+                        "if it exists")
     p.add_argument("--out", default="runs/benchmarks/predict_speed.json", help="JSON file for the figures")
+    add_video_flags(p)
     return p
 
 
@@ -67,29 +76,71 @@ def measure(predictor, cascade, images, boxes, repeats):
     image, box = images[0], boxes[0]
 
     def one_face():
-        return predictor.probabilities(predict.crop_face(image, box)[None])
+        return predictor.predict_faces(inference.crop_face(image, box)[None])
 
     def one_image_detected():
-        found = predict.detect_faces(image, cascade) or [box]  # always classify one face, found or not
-        return predictor.probabilities(np.stack([predict.crop_face(image, b) for b in found]))
+        found = inference.detect_faces(image, cascade) or [box]  # always classify one face, found or not
+        return predictor.predict_faces(np.stack([inference.crop_face(image, b) for b in found]))
 
     found_by_cascade = []
 
     def batch(detect):
-        found = [predict.detect_faces(i, cascade) for i in images] if detect else [[] for _ in images]
+        found = [inference.detect_faces(i, cascade) for i in images] if detect else [[] for _ in images]
         found_by_cascade[:] = [bool(f) for f in found]
-        crops = [predict.crop_face(i, b) for i, f, box in zip(images, found, boxes) for b in (f or [box])]
-        return predictor.probabilities(np.stack(crops))
+        crops = [inference.crop_face(i, b) for i, f, box in zip(images, found, boxes) for b in (f or [box])]
+        return predictor.predict_faces(np.stack(crops))
 
     figures = {
         "single_face_ms": median_ms(one_face, repeats),
-        "detection_ms": median_ms(lambda: predict.detect_faces(image, cascade), repeats),
+        "detection_ms": median_ms(lambda: inference.detect_faces(image, cascade), repeats),
         "single_image_with_detection_ms": median_ms(one_image_detected, repeats),
         # batches take long enough that two timed runs, after the warm-up above, give a stable median
         "batch_faces_per_s": len(images) / (median_ms(lambda: batch(False), 2, 0) / 1000),
         "batch_images_per_s_with_detection": len(images) / (median_ms(lambda: batch(True), 2, 0) / 1000),
     }
     return {**figures, "synthetic_faces_found_by_cascade": sum(found_by_cascade)}
+
+
+BACKEND_TTAS = ["none", "flip"]
+
+
+def backend_predictors(args, members):
+    """(row label, predictor) for every backend compared: torch bf16 and fp32 on --device, and the ONNX
+    files given (or found beside --onnx) on ONNX Runtime's CPU execution provider."""
+    rows = [(f"torch {precision}", inference.Predictor(members, "none", args.device, precision, args.batch_size))
+            for precision in ("bf16", "fp32")]
+    beside = Path(args.onnx).with_name(onnx_ensemble.INT8_NAME) if args.onnx else None
+    int8 = args.onnx_int8 or (beside if beside and beside.is_file() and beside != Path(args.onnx) else None)
+    for path in [args.onnx, int8]:
+        if path:
+            predictor = inference.Predictor.from_onnx(path, "none", args.batch_size, args.threads)
+            rows.append((f"ONNX Runtime {predictor.precision}", predictor))
+    return rows
+
+
+def measure_backend(predictor, crops, repeats):
+    """One-face latency (median ms) and faces/s for all `crops` in one call, for each TTA of BACKEND_TTAS."""
+    figures = {"one_face_ms": {}, "faces_per_s": {}}
+    for tta in BACKEND_TTAS:
+        predictor.tta = tta  # the same loaded networks, another set of views
+        figures["one_face_ms"][tta] = round(median_ms(lambda: predictor.predict_faces(crops[:1]), repeats), 3)
+        seconds = median_ms(lambda: predictor.predict_faces(crops), 2, 1) / 1000
+        figures["faces_per_s"][tta] = round(len(crops) / seconds, 1)
+    return figures
+
+
+def backend_table(result):
+    rows = result["backends"]
+    header = " | ".join([f"one face, TTA {t}" for t in BACKEND_TTAS]
+                        + [f"batch of {result['faces']}, TTA {t}" for t in BACKEND_TTAS])
+    lines = [f"**Backends**: one face = one 48x48 crop to probabilities, median of {result['repeats']} calls; batch = "
+             f"{result['faces']} crops in one call; torch on {result['device']}, ONNX Runtime on CPU", "",
+             f"| backend | {header} |", "| --- |" + " ---: |" * 2 * len(BACKEND_TTAS)]
+    for row in rows:
+        cells = [f"{row['one_face_ms'][t]:.2f} ms" for t in BACKEND_TTAS] \
+            + [f"{row['faces_per_s'][t]:.0f} faces/s" for t in BACKEND_TTAS]
+        lines.append(f"| {row['backend']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown(result):
@@ -112,17 +163,110 @@ def markdown(result):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    predict.cv2.setNumThreads(args.threads)
-    members, recorded_tta = predict.resolve_members(args.checkpoints, args.ensemble)
-    predictor = predict.Predictor(members, args.tta or recorded_tta or "none", args.device, args.precision)
+    inference.cv2.setNumThreads(args.threads)
+    members, recorded_tta, _ = inference.choose_models(args.checkpoints, args.ensemble)
+    predictor = inference.Predictor(members, args.tta or recorded_tta or "none", args.device, args.precision,
+                                    args.batch_size)
+    if args.video:
+        return main_video(predictor, args)
     images, boxes = scenes(args.faces)
-    figures = measure(predictor, predict.load_cascade(), images, boxes, args.repeats)
+    figures = measure(predictor, inference.load_cascade(), images, boxes, args.repeats)
+    crops = np.stack([inference.crop_face(image, box) for image, box in zip(images, boxes)])
+    backends = [{"backend": label, "file": str(p.paths[0]) if p.backend == "onnx" else None,
+                 **measure_backend(p, crops, args.repeats)} for label, p in backend_predictors(args, members)]
     result = {"machine": machine(), "threads": args.threads, "device": str(predictor.device),
               "precision": predictor.precision, "tta": predictor.tta, "models": [str(p) for p in predictor.paths],
               "weights": predictor.weights.tolist(), "faces": args.faces, "repeats": args.repeats,
+              "figures": {k: round(v, 3) for k, v in figures.items()}, "backends": backends}
+    return publish(result, markdown(result) + "\n\n" + backend_table(result), args.out)
+
+
+# The --video part: predict.py's video path (video.py), stage by stage, on a synthetic clip.
+import tempfile  # noqa: E402  (the --video part's imports, kept with it)
+
+import synthetic_video  # noqa: E402
+import video  # noqa: E402
+
+VIDEO_FPS = 30.0
+VIDEO_STAGES = {"decode": "decode: read and decode a frame",
+                "detect": "detect: grayscale, downscale, Haar cascade on every K-th frame",
+                "classify": "crop + classify: each face's 48x48 crop through the models",
+                "annotate": "annotate: boxes, labels and probability bars",
+                "encode": "encode: the MJPG writer"}
+
+
+def add_video_flags(p):
+    part = p.add_argument_group("the --video part")
+    part.add_argument("--video", action="store_true",
+                      help="instead of the tables above, time predict.py's video path stage by stage on a "
+                           f"synthetic {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} clip with one face")
+    part.add_argument("--video-frames", type=cli.positive(int), default=300, help="frames in the clip")
+    part.add_argument("--detect-every", type=cli.positive(int), default=video.DETECT_EVERY, help="as in predict.py")
+    part.add_argument("--detect-side", type=cli.positive(int), default=video.DETECT_SIDE, help="as in predict.py")
+    part.add_argument("--video-out", default="runs/benchmarks/predict_speed_video.json",
+                      help="JSON file for the --video figures")
+
+
+def cascade_or_drawn_frame(find_faces, counts):
+    """Predictor.find_faces, falling back on the white frame drawn around the synthetic face where the
+    cascade (trained on photographs) finds none: every frame then sends one face through the models, as
+    a video of a person would, and the cascade's time still counts."""
+    def find(gray):
+        boxes = find_faces(gray)
+        counts["detections"] += 1
+        counts["found_by_cascade"] += bool(boxes)
+        return boxes or synthetic_video.find_framed_face(gray)
+    return find
+
+
+def run_clip(predictor, clip, options, out_path=None):
+    capture = inference.cv2.VideoCapture(str(clip))
+    try:
+        return video.process_stream(capture, str(clip), predictor, options, out_path)
+    finally:
+        capture.release()
+
+
+def measure_video(predictor, args):
+    """Milliseconds per frame in each stage and end to end, decoding to encoding, after a warm-up."""
+    counts = {"detections": 0, "found_by_cascade": 0}
+    predictor.find_faces = cascade_or_drawn_frame(predictor.find_faces, counts)
+    options = argparse.Namespace(no_detect=False, detect_every=args.detect_every, detect_side=args.detect_side,
+                                 smoothing=video.SMOOTHING, max_frames=None, json=False, top_k=3)
+    with tempfile.TemporaryDirectory() as folder:
+        clip = Path(folder) / "clip.avi"
+        synthetic_video.write_clip(clip, args.video_frames, IMAGE_SIZE, VIDEO_FPS, FACE_SIZE, textured=True)
+        run_clip(predictor, clip, argparse.Namespace(**{**vars(options), "max_frames": 10}))  # first calls are slow
+        counts.update(detections=0, found_by_cascade=0)
+        result = run_clip(predictor, clip, options, Path(folder) / "annotated.avi")
+    frames = result["frames"]
+    figures = {f"{stage}_ms": 1000 * result["stages"].get(stage, 0.0) / frames for stage in VIDEO_STAGES}
+    return {**figures, "total_ms": 1000 * result["seconds"] / frames, "fps": result["fps"], "frames": frames, **counts}
+
+
+def video_markdown(result):
+    r, m = result["figures"], result["machine"]
+    rows = [f"| {VIDEO_STAGES[stage]} | {r[stage + '_ms']:.2f} |" for stage in VIDEO_STAGES]
+    return "\n".join([
+        f"**Video pipeline**: {m['processor']}, {result['threads']} thread(s) of {m['cpu_count']} CPUs, "
+        f"torch {m['torch']}, device {result['device']}, precision {result['precision']}, "
+        f"{len(result['models'])} model(s), TTA {result['tta']}; a {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} clip of "
+        f"{r['frames']} frames with one face, faces looked for every {result['detect_every']} frames on a copy "
+        f"whose longest side is {result['detect_side']}", "",
+        "| stage | ms per frame |", "| --- | ---: |", *rows,
+        f"| **total, end to end** | {r['total_ms']:.2f} ms: **{r['fps']:.1f} frames/s** |", "",
+        f"The cascade found the drawn face in {r['found_by_cascade']} of {r['detections']} detections; in the "
+        "others the white frame drawn around it stood in, so that every frame sends one face through the models."])
+
+
+def main_video(predictor, args):
+    figures = measure_video(predictor, args)
+    result = {"machine": machine(), "threads": args.threads, "device": str(predictor.device),
+              "precision": predictor.precision, "tta": predictor.tta, "models": [str(p) for p in predictor.paths],
+              "detect_every": args.detect_every, "detect_side": args.detect_side,
               "figures": {k: round(v, 3) for k, v in figures.items()}}
-    return publish(result, markdown(result), args.out)
+    return publish(result, video_markdown(result), args.video_out)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

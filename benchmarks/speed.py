@@ -24,8 +24,10 @@ from torchvision import datasets, transforms as T
 from common import ROOT, machine, publish, timings
 
 import augment  # noqa: E402  (common put the repository on the path)
+import cli  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
+import inference  # noqa: E402
 import synthetic  # noqa: E402
 import train  # noqa: E402
 from models import MODELS, autocast, build_model, describe_model, pick_device, resolve_precision  # noqa: E402
@@ -46,14 +48,14 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to time")
-    p.add_argument("--windows", type=train.positive(int), default=7,
+    p.add_argument("--windows", type=cli.positive(int), default=7,
                    help="timed windows per pipeline and model; the median is reported")
-    p.add_argument("--window-batches", type=train.positive(int), default=10, help="timed training batches per window")
+    p.add_argument("--window-batches", type=cli.positive(int), default=10, help="timed training batches per window")
     p.add_argument("--data", default=None,
                    help=f"image folder with train/ (and val/) class folders, or 'synthetic'; unset: {SHARED_DATA} "
                         "if it exists, else synthetic JPEGs written to a temporary folder")
     p.add_argument("--out", default="runs/benchmarks/speed.json", help="JSON file for the figures")
-    p.add_argument("--threads", type=train.positive(int), default=TRAIN.threads, help="CPU threads")
+    p.add_argument("--threads", type=cli.positive(int), default=TRAIN.threads, help="CPU threads")
     p.add_argument("--quick", action="store_true",
                    help="smoke run of about a minute: 2 windows of 2 batches, fewer repeats "
                         "(overrides --windows and --window-batches)")
@@ -180,13 +182,13 @@ def compare_training(name, split, folder, device, precision, windows, batches):
     return rates
 
 
-def inference(name, val, device, precision, eval_repeats, latency_repeats):
-    """evaluate.predict_probs (tta none) on the whole val split, and on one image, as evaluate.py runs it."""
+def inference_speed(name, val, device, precision, eval_repeats, latency_repeats):
+    """inference.predict_probs (tta none) on the whole val split, and on one image, as evaluate.py runs it."""
     model = build_model(name, len(val.classes)).to(device).eval()  # as models.model_from_checkpoint builds it
     seconds = statistics.median(timings(
-        lambda: evaluate.predict_probs(model, val.images, "none", EVAL_BATCH, precision), eval_repeats))
+        lambda: inference.predict_probs(model, val.images, "none", EVAL_BATCH, precision), eval_repeats))
     latency = statistics.median(timings(
-        lambda: evaluate.predict_probs(model, val.images[:1], "none", 1, precision), latency_repeats, warm=3))
+        lambda: inference.predict_probs(model, val.images[:1], "none", 1, precision), latency_repeats, warm=3))
     return {"eval_images_per_s": len(val.labels) / seconds, "eval_val_s": seconds, "latency_ms": 1000 * latency}
 
 
@@ -213,7 +215,7 @@ def measure_model(name, train_split, val, train_folder, device, precision, args,
             "ours_fp32_images_per_s": fp32_rate, "precision_gain": ours_rate / fp32_rate,
             "step_gmacs": 3 * macs * ours_rate / 1e9, "macs_per_image": macs,
             **{f"windows_{pipeline}": r for pipeline, r in rates.items()},
-            **inference(name, val, device, precision, *repeats)}
+            **inference_speed(name, val, device, precision, *repeats)}
 
 
 def peak_rss_mb():

@@ -8,8 +8,10 @@ import torch
 from conftest import QUICK_TRAINING
 from PIL import Image
 
+import cli
 import ensemble
 import evaluate
+import inference
 import synthetic
 import train
 
@@ -61,7 +63,9 @@ def test_evaluate_writes_reports_and_confusion_pngs(trained_runs):
         assert Image.open(out / f"confusion_{name}.png").size[0] > 500
     assert "## ensemble" in (out / "report.md").read_text()
     saved = ensemble.load_ensemble(out / "ensemble.json")
-    assert [m["path"] for m in saved["members"]] == [str(trained_runs / n / "best.pt") for n in ("model_x", "model_y")]
+    assert [m["path"] for m in saved["members"]] == ["../model_x/best.pt", "../model_y/best.pt"]  # relative to out
+    assert {n: (f["evaluated"], f["left_out"]) for n, f in report["models"].items()} == \
+        {"model_x": (7 * 4, 0), "model_y": (7 * 4, 0)}
 
 
 def test_evaluate_reuses_a_matching_ensemble(trained_runs, tmp_path, capsys):
@@ -74,10 +78,9 @@ def test_evaluate_reuses_a_matching_ensemble(trained_runs, tmp_path, capsys):
 
 @pytest.mark.parametrize("tta", ["flip", "tencrop"])
 def test_tta_probabilities_are_distributions(trained_runs, tta):
-    checkpoint = torch.load(trained_runs / "model_y" / "best.pt", weights_only=True)
-    model = evaluate.model_from_checkpoint(checkpoint)
+    model = inference.load_member(trained_runs / "model_y" / "best.pt").model
     images = torch.randint(0, 256, (9, 1, 48, 48), dtype=torch.uint8)
-    probs = evaluate.predict_probs(model, images, tta)
+    probs = inference.predict_probs(model, images, tta)
     assert probs.shape == (9, 7)
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-4)
 
@@ -117,7 +120,7 @@ def test_six_class_model_on_seven_class_data(tmp_path, capsys):
 
 
 def test_error_when_no_checkpoints(tmp_path):
-    with pytest.raises(SystemExit, match=r"no checkpoints found: looked for .*\*\*/best.pt.*python train.py"):
+    with pytest.raises(cli.UsageError, match=r"no checkpoints found: looked for .*\*\*/best.pt.*python train.py"):
         evaluate.main(["--runs", str(tmp_path)])
 
 
@@ -125,7 +128,7 @@ def test_error_names_a_checkpoint_that_does_not_load(tmp_path):
     bad = tmp_path / "model_x" / "best.pt"
     bad.parent.mkdir()
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit, match=f"cannot use checkpoint {bad}"):
+    with pytest.raises(cli.UsageError, match=f"cannot use checkpoint {bad}"):
         evaluate.main(["--runs", str(tmp_path)])
 
 
@@ -135,6 +138,6 @@ def test_error_when_ensemble_members_have_different_classes(trained_runs, tmp_pa
     other = tmp_path / "other" / "best.pt"
     other.parent.mkdir()
     torch.save(checkpoint, other)
-    with pytest.raises(SystemExit, match="different class lists.*contempt"):
+    with pytest.raises(cli.UsageError, match="different class lists.*contempt"):
         evaluate.main(["--checkpoints", str(trained_runs / "model_x" / "best.pt"), str(other),
                        "--out", str(tmp_path / "eval"), "--tta", "none"])

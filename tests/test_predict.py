@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import cli
+import inference
 import predict
 import synthetic
 from conftest import SHARED_FER
@@ -60,8 +62,8 @@ def test_plain_checkpoints_match_a_single_model(tmp_path, trained_runs, capsys):
     image = synthetic_face_on_canvas(tmp_path / "face.png", seed=3)
     checkpoint = str(trained_runs / "model_x" / "best.pt")
     (record,) = predict.main([str(image), "--no-detect", "--json", "--checkpoints", checkpoint])
-    member = predict.Predictor([(Path(checkpoint), 1.0)], "none", "cpu", "auto")
-    direct = member.probabilities(predict.crop_face(np.asarray(Image.open(image)), (0, 0, 320, 240), 0)[None])
+    member = inference.Predictor([(Path(checkpoint), 1.0)], "none", "cpu", "auto")
+    direct = member.predict_faces(inference.crop_face(np.asarray(Image.open(image)), (0, 0, 320, 240), 0))
     assert list(record["faces"][0]["probabilities"].values()) == pytest.approx(direct[0].tolist(), abs=1e-3)
 
 
@@ -69,13 +71,13 @@ def test_real_face_is_detected():
     folder = SHARED_FER / "val" / "happy"
     if not folder.is_dir():
         pytest.skip(f"{folder} is not on this machine")
-    cascade = predict.load_cascade()
+    cascade = inference.load_cascade()
     region = (100, 60, 192, 192)  # where each 48x48 FER face goes, scaled 4x
     found = []
     for path in sorted(folder.iterdir())[:5]:
         canvas = Image.new("L", (400, 320), 128)
         canvas.paste(Image.open(path).convert("L").resize(region[2:], Image.Resampling.BILINEAR), region[:2])
-        boxes = predict.detect_faces(np.asarray(canvas), cascade)
+        boxes = inference.detect_faces(np.asarray(canvas), cascade)
         found.append(any(overlap(box, region) > 0.4 for box in boxes))
     assert any(found), "the cascade found none of 5 FER-2013 faces scaled up 4x"
 
@@ -90,7 +92,7 @@ def overlap(a, b):
 
 def test_no_face_is_reported(tmp_path, ensemble_file, capsys):
     image = faceless_image(tmp_path / "gradient.png")
-    assert predict.detect_faces(np.asarray(Image.open(image)), predict.load_cascade()) == []
+    assert inference.detect_faces(np.asarray(Image.open(image)), inference.load_cascade()) == []
     (record,) = predict.main([str(image), "--json", "--ensemble", ensemble_file])
     assert record["faces"] == [] and "no face" in record["note"]
     assert json_records(capsys.readouterr().out) == [record]
@@ -126,21 +128,32 @@ def test_folder_with_non_image_files(tmp_path, ensemble_file, capsys):
 def test_missing_models_name_where_they_were_looked_for(tmp_path, monkeypatch):
     image = synthetic_face_on_canvas(tmp_path / "face.png")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as stop:
+    monkeypatch.setattr(inference, "PRETRAINED", tmp_path / "no-weights" / "ensemble.json")
+    with pytest.raises(cli.UsageError) as stop:
         predict.main([str(image)])
-    assert "runs/evaluation/ensemble.json" in str(stop.value) and "python train.py" in str(stop.value)
+    message = str(stop.value)
+    assert "runs/evaluation/ensemble.json" in message and "python train.py" in message and "no-weights" in message
 
 
-def test_ensemble_members_found_from_the_ensemble_folder(tmp_path, trained_runs, monkeypatch):
-    """evaluate.py records the checkpoint paths it was given; relative ones must still resolve
-    when predict.py runs from elsewhere."""
+def test_ensemble_members_are_found_from_the_ensemble_folder(tmp_path, trained_runs, monkeypatch):
+    """Member paths are stored relative to ensemble.json, so they resolve from any working folder."""
     record = json.loads((trained_runs / "evaluation" / "ensemble.json").read_text())
-    for member in record["members"]:
-        member["path"] = str(Path(member["path"]).relative_to(trained_runs.parent))
-    moved = trained_runs / "evaluation" / "relative.json"
-    moved.write_text(json.dumps(record))
+    assert all(not Path(m["path"]).is_absolute() for m in record["members"])
     monkeypatch.chdir(tmp_path)
-    members, tta = predict.resolve_members(ensemble_file=str(moved))
-    assert tta == record["tta"]
-    assert all(path.is_file() for path, _ in members)
-    assert sum(weight for _, weight in members) == pytest.approx(1)
+    members, tta, source = inference.choose_models(ensemble_file=str(trained_runs / "evaluation" / "ensemble.json"))
+    assert tta == record["tta"] and source.endswith("ensemble.json")
+    weighted = [m["path"] for m in record["members"] if m["weight"] > 0]  # the fit may switch a member off
+    assert [p.resolve() for p, _, _ in members] == [(trained_runs / "evaluation" / p).resolve() for p in weighted]
+    assert sum(weight for _, weight, _ in members) == pytest.approx(1)
+
+
+def test_predictor_api_on_a_photo_and_on_a_face(tmp_path, ensemble_file):
+    predictor = inference.Predictor.from_ensemble(ensemble_file)
+    image = synthetic_face_on_canvas(tmp_path / "face.png", seed=5)
+    (face,) = predictor.predict(image, detect=False)
+    assert face["box"] == [0, 0, 320, 240] and set(face["probabilities"]) == set(predictor.classes)
+    crop = inference.crop_face(np.asarray(Image.open(image)), (0, 0, 320, 240), 0)
+    probs = predictor.predict_faces(crop)
+    assert probs.shape == (1, len(predictor.classes)) and probs.sum() == pytest.approx(1, abs=1e-4)
+    assert list(face["probabilities"].values()) == pytest.approx(probs[0].tolist(), abs=1e-3)
+    assert predictor.predict(Image.open(image), detect=False) == [face]  # a PIL image works like its path

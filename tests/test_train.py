@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import QUICK_TRAINING
 
+import cli
 import models
 import resume
 import train
@@ -117,7 +118,7 @@ def test_interrupt_mid_epoch_saves_and_resume_matches(tmp_path, monkeypatch, cap
 
 def test_existing_run_is_not_overwritten_by_accident(tmp_path):
     run(tmp_path)
-    with pytest.raises(SystemExit, match="already holds a run"):
+    with pytest.raises(cli.UsageError, match="already holds a run"):
         run(tmp_path)
     run(tmp_path, "--overwrite")
 
@@ -154,9 +155,65 @@ def test_resume_with_more_epochs_stretches_the_cosine_decay(tmp_path):
 def test_each_model_has_its_own_epochs_unless_epochs_is_given():
     parser = train.build_parser()
     unset, given = parser.parse_args([]), parser.parse_args(["--epochs", "5"])
-    assert {name: train.with_model_epochs(unset, name).epochs for name in models.MODELS} == train.DEFAULT_EPOCHS
-    assert train.DEFAULT_EPOCHS == {"model_x": 60, "model_y": 72}  # the recipe in the README's results
+    defaults = {name: models.default_epochs(name) for name in models.MODELS}
+    assert {name: train.with_model_epochs(unset, name).epochs for name in models.MODELS} == defaults
+    assert defaults == {"model_x": 60, "model_y": 72}  # the recipe in the README's results
     assert {train.with_model_epochs(given, name).epochs for name in models.MODELS} == {5}
+    assert "model_x 60, model_y 72" in " ".join(parser.format_help().split())
     # A run started with --epochs 5 and resumed without it keeps its 5, not the model's default.
-    resumed = resume.resumed_config(parser.parse_args(["--resume"]), parser, {"config": vars(given)})
+    resumed = resume.resumed_config(parser.parse_args(["--resume"]), resume.given_flags(parser, ["--resume"]),
+                                    {"config": vars(given)})
     assert train.with_model_epochs(resumed, "model_y").epochs == 5
+
+
+def test_given_flags_are_told_apart_from_defaults_by_parsing():
+    parser = train.build_parser()
+    argv = ["--resume", "--lr", "0.03", "--no-nesterov", "--models", "model_y", "--batch-size", "128"]
+    assert resume.given_flags(parser, argv) == {"resume", "lr", "nesterov", "models", "batch_size"}
+    assert resume.given_flags(parser, []) == set()
+    assert parser.parse_args([]).lr == 0.03  # the probe's missing defaults do not leak into the parser
+
+
+def test_a_flag_given_with_resume_wins_even_at_its_default_value(tmp_path):
+    # Saved with --lr 0.01 (QUICK_TRAINING); 0.03 is the parser's default, given explicitly. Plateau:
+    # the rate stays where it is set for the resumed epoch, so the optimizer shows it.
+    run_dir = run(tmp_path, "--schedule", "plateau", epochs=1, data="synthetic:5")
+    train.main(["--resume", "--out", str(tmp_path), "--models", "model_x", "--epochs", "2", "--lr", "0.03"])
+    checkpoint = torch.load(run_dir / "last.pt", weights_only=True)
+    assert checkpoint["config"]["lr"] == 0.03
+    assert checkpoint["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.03)
+    assert learning_rates(run_dir) == pytest.approx([0.01, 0.03])
+    assert checkpoint["config"]["batch_size"] == 32  # not given now: the saved value, not the default 128
+
+
+@pytest.mark.parametrize("schedule, epochs_run", [("plateau", 2), ("cosine", 4)])
+def test_only_the_plateau_schedule_stops_early(tmp_path, monkeypatch, schedule, epochs_run):
+    monkeypatch.setattr(train, "evaluate_split", lambda *args: (1.0, 0.5))  # validation loss never improves
+    # --min-lr equal to QUICK_TRAINING's --lr: the rate is at its floor from the start under either schedule.
+    run_dir = run(tmp_path, "--schedule", schedule, "--min-lr", "0.01", "--plateau-patience", "0", epochs=4,
+                  data="synthetic:5")
+    assert len(learning_rates(run_dir)) == epochs_run
+
+
+def test_a_registered_architecture_is_one_function(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(models.MODELS, "tiny", None)  # so the test leaves the registry as it found it
+
+    @models.register(epochs=2)
+    def tiny(num_classes):
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=4), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, num_classes))
+
+    assert models.default_epochs("tiny") == 2 and "| tiny |" in models.size_table()
+    # argparse's --models choices and --epochs help are read from the registry when the parser is built.
+    assert "tiny 2" in " ".join(train.build_parser().format_help().split())
+    train.main(["--data", "synthetic:5", "--out", str(tmp_path), "--models", "tiny", *QUICK_TRAINING])
+    assert len(learning_rates(tmp_path / "tiny")) == 2  # its own default epochs
+    model = models.model_from_checkpoint(torch.load(tmp_path / "tiny" / "best.pt", weights_only=True))
+    assert model(torch.rand(2, 1, 48, 48)).shape == (2, 7)
+
+
+def test_cli_run_turns_a_usage_error_into_one_line_and_exit_status_1(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(lambda: train.main(["--data", "synthetic:5", "--resume", "--out", str(tmp_path)]))
+    message = exit_info.value.code  # sys.exit with a string prints it to stderr and exits with status 1
+    assert isinstance(message, str) and message.startswith("error: --resume: no ") and "\n" not in message

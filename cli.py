@@ -1,0 +1,57 @@
+"""What every script's command line shares: the error a library raises for a bad request, the value
+checks argparse runs, the device flags, and the one-line error report at the top of each script."""
+import argparse
+import sys
+
+from data import DataError
+from models import default_threads
+
+PRECISIONS = ["auto", "bf16", "fp16", "fp32"]
+
+
+class UsageError(Exception):
+    """A request that cannot be carried out (a missing file, flags that do not fit together), explained
+    in terms the user can act on. Library code raises it; only a script's entry point exits."""
+
+
+def positive(kind):
+    """An argparse type: `kind(text)`, refused unless greater than zero."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def probability(text):
+    """An argparse type: a float between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def add_device_flags(parser, batch_size, batch_help):
+    """--device, --precision, --threads and --batch-size, declared once for every script."""
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="auto: bf16 autocast on CPU and recent GPUs, fp16 on older GPUs, fp32 elsewhere")
+    parser.add_argument("--threads", type=positive(int), default=default_threads(),
+                        help="CPU threads; on a busy machine 1 is often faster for a few images")
+    parser.add_argument("--batch-size", type=positive(int), default=batch_size, help=batch_help)
+
+
+def run(main):
+    """Call a script's main(); a UsageError or DataError becomes one line on stderr and exit status 1."""
+    try:
+        main()
+    except (UsageError, DataError) as error:
+        sys.exit(f"error: {error}")

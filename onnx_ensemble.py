@@ -1,0 +1,226 @@
+"""The ensemble as one ONNX graph, the deployment format, and running it with ONNX Runtime on CPU.
+
+export.py --format onnx writes ensemble.onnx: float32 pixels [N, 1, 48, 48] (grayscale, 0..255, N any)
+in, the ensemble's probabilities [N, classes] out, the members' softmax outputs averaged with the fitted
+weights inside the graph. The class list, the weights, the member names and the TTA the weights were
+fitted with are in the model's metadata_props. TTA stays outside the graph: `OnnxPredictor` makes the
+views, as the torch path does, so a caller can choose none, flip or tencrop for the same file.
+
+    from inference import Predictor
+    predictor = Predictor.from_onnx("weights/ensemble.onnx")    # the file's own TTA unless tta= is given
+    predictor.predict("photo.jpg")
+
+onnx, onnxscript and onnxruntime are imported inside the functions that use them, so that the torch
+path (predict.py's default) does not pay for importing them.
+"""
+import json
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from cli import UsageError
+from data import IMAGE_SIZE
+from files import write_atomic
+from inference import TTA_CHOICES, Predictor, tta_views
+
+FORMAT = "fer-onnx-1"
+FP32_NAME, INT8_NAME = "ensemble.onnx", "ensemble-int8.onnx"
+INPUT_NAME, OUTPUT_NAME = "pixels", "probabilities"
+INPUT_DESCRIPTION = f"float32 [N, 1, {IMAGE_SIZE}, {IMAGE_SIZE}]: grayscale face crops, pixels 0..255"
+EXPORT_HINT = "Write it with: python export.py --format onnx (or onnx-int8)"
+CALIBRATION_IMAGES, CALIBRATION_SEED, CALIBRATION_BATCH = 300, 0, 50
+# The members' layers; Softmax and the weighted average stay float, so that the probabilities keep their
+# resolution and sum to one (quantized, they came in steps of 1/256).
+QUANTIZED_OPS = ["Conv", "Gemm", "MatMul", "Relu", "MaxPool", "Add"]
+
+
+class EnsembleGraph(nn.Module):
+    """The members and their weights as one network: float pixels 0..255 [N, 1, 48, 48] -> the weighted
+    average of the members' softmax probabilities [N, classes]."""
+
+    def __init__(self, models, weights):
+        super().__init__()
+        self.members = nn.ModuleList(models)
+        self.register_buffer("weights", torch.tensor(np.asarray(weights), dtype=torch.float32))
+
+    def forward(self, pixels):
+        images = pixels / 255  # the members were trained on [0, 1]; the graph takes raw pixel values
+        probs = torch.stack([torch.softmax(member(images), dim=1) for member in self.members])
+        return (probs * self.weights[:, None, None]).sum(0)
+
+
+class Description(NamedTuple):
+    """What an ensemble.onnx file says about itself in its metadata."""
+    classes: list
+    weights: np.ndarray
+    members: list
+    tta: str
+    method: str
+    precision: str
+
+
+def metadata(description):
+    """metadata_props entries (strings only) for a Description."""
+    return {"format": FORMAT, "input": INPUT_DESCRIPTION, "classes": json.dumps(description.classes),
+            "weights": json.dumps([round(float(w), 6) for w in description.weights]),
+            "members": json.dumps(description.members), "tta": description.tta, "method": description.method,
+            "precision": description.precision}
+
+
+def parse_metadata(path, props):
+    """The Description in an ONNX file's metadata_props, checked; UsageError naming the file otherwise."""
+    try:
+        if props.get("format") != FORMAT:
+            raise ValueError(f"format {props.get('format')!r}, expected {FORMAT!r}")
+        classes, weights, members = (json.loads(props[key]) for key in ("classes", "weights", "members"))
+        if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+            raise ValueError(f"class list {classes!r}")
+        if not (isinstance(members, list) and members and all(isinstance(m, str) for m in members)):
+            raise ValueError(f"member list {members!r}")
+        if not (isinstance(weights, list) and len(weights) == len(members)
+                and all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights)
+                and sum(weights) > 0):
+            raise ValueError(f"weights {weights!r} for {len(members)} member(s)")
+        if props["tta"] not in TTA_CHOICES:
+            raise ValueError(f"tta {props['tta']!r}")
+    except (KeyError, TypeError, ValueError) as error:  # json.JSONDecodeError is a ValueError
+        raise UsageError(f"{path} is not an ensemble exported by export.py ({type(error).__name__}: {error}). "
+                         f"{EXPORT_HINT}") from error
+    return Description(classes, np.asarray(weights, dtype=np.float64), members, props["tta"],
+                       props.get("method", "unknown"), props.get("precision", "fp32"))
+
+
+def set_metadata(model, description):
+    """Our entries added to an onnx.ModelProto's metadata_props, keeping the exporter's and quantizer's."""
+    import onnx
+    existing = {prop.key: prop.value for prop in model.metadata_props}
+    onnx.helper.set_model_props(model, {**existing, **metadata(description)})
+    return model
+
+
+def save_model(model, path):
+    content = model.SerializeToString()
+    write_atomic(path, lambda file: file.write(content))
+
+
+def export_fp32(models, description, path):
+    """Write the fp32 ensemble graph with its metadata to `path`: one file, any batch size, default opset."""
+    graph = EnsembleGraph([model.float().eval() for model in models], description.weights).eval()
+    example = torch.rand(2, 1, IMAGE_SIZE, IMAGE_SIZE) * 255  # batch 2: torch.export specialises a batch of 1
+    program = torch.onnx.export(graph, (example,), dynamo=True, external_data=False, verbose=False,
+                                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                dynamic_shapes=({0: torch.export.Dim("batch")},))
+    save_model(set_metadata(program.model_proto, description), path)
+
+
+class CalibrationImages:
+    """Batches of float pixels for quantize_static, which asks for them with get_next() until None.
+    onnxruntime's CalibrationDataReader accepts any class with get_next (its subclass hook), so this
+    module does not have to import onnxruntime to define it."""
+
+    def __init__(self, images):
+        self.batches = iter([{INPUT_NAME: images[start:start + CALIBRATION_BATCH]}
+                             for start in range(0, len(images), CALIBRATION_BATCH)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def calibration_images(train_images, count=CALIBRATION_IMAGES, seed=CALIBRATION_SEED):
+    """A seeded choice of `count` training images (uint8 [N, 1, 48, 48]) as float32 pixels."""
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(len(train_images), size=min(count, len(train_images)), replace=False))
+    return train_images[torch.from_numpy(chosen)].numpy().astype(np.float32)
+
+
+def quantize_int8(fp32_path, int8_path, images, scratch):
+    """A statically quantized copy of the fp32 graph (QDQ, per-channel int8 weights, uint8 activations,
+    ranges calibrated on `images`), with the same metadata and precision int8."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    prepared = Path(scratch) / "prepared.onnx"
+    quant_pre_process(str(fp32_path), str(prepared))  # shape inference and graph fusions, as quantize_static asks
+    quantize_static(str(prepared), str(int8_path), CalibrationImages(images), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    op_types_to_quantize=QUANTIZED_OPS)
+    model = onnx.load(str(int8_path))
+    description = open_session(fp32_path)[1]._replace(precision="int8")
+    save_model(set_metadata(model, description), int8_path)
+
+
+def load_errors():
+    """The exceptions onnxruntime raises for a file it cannot load; they derive from Exception alone."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+    return state.Fail, state.InvalidArgument, state.InvalidGraph, state.InvalidProtobuf, state.NoSuchFile, \
+        state.NotImplemented, state.RuntimeException
+
+
+def check_signature(path, session, description):
+    """One float32 input `pixels` [N, 1, 48, 48] and one output `probabilities` [N, classes], as many classes
+    as the metadata lists."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if [(i.name, i.type, i.shape[1:]) for i in inputs] != [(INPUT_NAME, "tensor(float)", [1, IMAGE_SIZE, IMAGE_SIZE])] \
+            or [(o.name, o.shape[-1]) for o in outputs] != [(OUTPUT_NAME, len(description.classes))]:
+        found = [(i.name, i.type, i.shape) for i in inputs], [(o.name, o.type, o.shape) for o in outputs]
+        raise UsageError(f"{path} does not take {INPUT_DESCRIPTION} and return {len(description.classes)} class "
+                         f"probabilities (inputs, outputs: {found}). {EXPORT_HINT}")
+
+
+def open_session(path, threads=None):
+    """(an onnxruntime CPU session, the file's Description); UsageError naming the file when it is missing,
+    not ONNX, or not an ensemble exported by export.py."""
+    import onnxruntime
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"no ONNX file {path}. {EXPORT_HINT}")
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or 0  # 0: onnxruntime's default, one per physical core
+    try:
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except load_errors() as error:
+        raise UsageError(f"cannot read {path} as an ONNX model ({str(error).strip()}). {EXPORT_HINT}") from error
+    description = parse_metadata(path, session.get_modelmeta().custom_metadata_map)
+    check_signature(path, session, description)
+    return session, description
+
+
+def onnx_probs(session, images, tta="none", batch_size=128):
+    """Ensemble probabilities [N, C] (numpy) for uint8 images [N, 1, 48, 48]: the graph's output averaged
+    over the TTA views, which are made here as predict_probs makes them."""
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        views = tta_views(images[start:start + batch_size].float(), tta)
+        probs = sum(session.run([OUTPUT_NAME], {INPUT_NAME: view.contiguous().numpy()})[0].astype(np.float64)
+                    for view in views)
+        outputs.append(probs / len(views))
+    return np.concatenate(outputs) if outputs else np.zeros((0, session.get_outputs()[0].shape[-1]))
+
+
+class OnnxPredictor(Predictor):
+    """Predictor's pipeline (detection, cropping, TTA views, the same output) with the ensemble graph run
+    by ONNX Runtime's CPU execution provider. Made by Predictor.from_onnx."""
+    backend = "onnx"
+
+    def __init__(self, path, tta=None, batch_size=128, threads=None):
+        # Not Predictor.__init__: that loads torch members, and here the whole ensemble is one graph.
+        self.path = Path(path)
+        self.session, description = open_session(self.path, threads)
+        self.classes, self.weights, self.member_names = description.classes, description.weights, description.members
+        self.method = description.method
+        self.tta = tta or description.tta
+        self.batch_size = batch_size
+        self.device, self.precision = torch.device("cpu"), description.precision
+        self.members = []  # no torch networks: they are inside the graph
+        self.cascade = None  # loaded on the first detection
+
+    @property
+    def paths(self):
+        return [self.path]
+
+    def probabilities(self, images):
+        return onnx_probs(self.session, images, self.tta, self.batch_size)

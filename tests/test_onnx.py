@@ -1,0 +1,225 @@
+"""The ONNX deployment format: export.py --format onnx / onnx-int8, parity of ONNX Runtime with PyTorch
+fp32, the metadata and its checks, and predict.py / evaluate.py with --backend onnx. The members are two
+small random-weight networks, so nothing is trained here."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import cli
+import ensemble
+import evaluate
+import export
+import inference
+import models
+import onnx_ensemble
+import predict
+import synthetic
+
+WEIGHTS = [0.4, 0.6]
+
+
+def random_member(name, seed):
+    torch.manual_seed(seed)
+    model = models.build_model(name, len(synthetic.CLASSES)).eval()
+    with torch.no_grad():
+        # Default initialisation gives almost the same output for every image, which would hide a mix-up
+        # of the images in a batch; larger weights make the outputs differ from image to image.
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.mul_(3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def random_ensemble(tmp_path_factory):
+    """runs/model_x/best.pt and runs/model_y/best.pt saved as train.py saves them, and an ensemble.json
+    weighting them 0.4 and 0.6."""
+    runs = tmp_path_factory.mktemp("runs")
+    paths = []
+    for seed, name in enumerate(["model_x", "model_y"]):
+        path = runs / name / "best.pt"
+        path.parent.mkdir()
+        torch.save({"model_name": name, "classes": synthetic.CLASSES, "config": {"data": "synthetic:20"},
+                    "model": random_member(name, seed).state_dict()}, path)
+        paths.append(path)
+    fit = {"method": "equal", "weights": WEIGHTS, "val_accuracy": 0.0, "val_nll": 0.0, "candidates": {}}
+    ensemble.save_ensemble(runs / "evaluation" / "ensemble.json", paths, synthetic.CLASSES, fit, "none")
+    return runs / "evaluation" / "ensemble.json"
+
+
+def export_onnx(ensemble_file, out, fmt="onnx"):
+    return export.main(["--ensemble", str(ensemble_file), "--out", str(out), "--format", fmt, "--threads", "1"])
+
+
+@pytest.fixture(scope="module")
+def exported(random_ensemble, tmp_path_factory):
+    out = tmp_path_factory.mktemp("weights")
+    export_onnx(random_ensemble, out)
+    return out / "ensemble.onnx"
+
+
+def faces(count, seed=11):
+    return synthetic.render_split("test", -(-count // len(synthetic.CLASSES)), seed=seed)[0][:count]
+
+
+@pytest.mark.parametrize("tta", ["none", "flip"])
+@pytest.mark.parametrize("batch", [1, 7])
+def test_onnx_runtime_matches_pytorch_fp32(random_ensemble, exported, batch, tta):
+    images = faces(batch)
+    torch_probs = inference.Predictor.from_ensemble(random_ensemble, tta, device="cpu", precision="fp32") \
+        .predict_faces(images)
+    onnx_probs = inference.Predictor.from_onnx(exported, tta, threads=1).predict_faces(images)
+    assert onnx_probs.shape == torch_probs.shape == (batch, len(synthetic.CLASSES))
+    np.testing.assert_allclose(onnx_probs, torch_probs, rtol=1e-3, atol=1e-5)
+    assert (onnx_probs.argmax(1) == torch_probs.argmax(1)).all()
+
+
+def test_the_graph_holds_the_ensemble_and_its_metadata(exported):
+    assert sorted(p.name for p in exported.parent.iterdir()) == ["ensemble.onnx"]
+    model = onnx.load(str(exported))
+    props = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(props["classes"]) == synthetic.CLASSES
+    assert json.loads(props["weights"]) == WEIGHTS
+    assert json.loads(props["members"]) == ["model_x", "model_y"]
+    assert (props["tta"], props["precision"], props["method"]) == ("none", "fp32", "equal")
+    (graph_input,) = model.graph.input
+    assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert not graph_input.type.tensor_type.shape.dim[0].HasField("dim_value")  # any batch size
+    assert sum(node.op_type == "Softmax" for node in model.graph.node) == 2  # both members, inside the graph
+    predictor = inference.Predictor.from_onnx(exported)
+    assert predictor.classes == synthetic.CLASSES and predictor.weights.tolist() == WEIGHTS
+    assert predictor.predict_faces(np.zeros((0, 48, 48), np.uint8)).shape == (0, len(synthetic.CLASSES))
+
+
+def foreign_graph(path):
+    """A valid ONNX file of the right shape without our metadata: an identity graph."""
+    shape = ["N", 1, 48, 48]
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["pixels"], ["probabilities"])], "other",
+                                   [onnx.helper.make_tensor_value_info("pixels", onnx.TensorProto.FLOAT, shape)],
+                                   [onnx.helper.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT, shape)])
+    onnx.save(onnx.helper.make_model(graph), str(path))
+
+
+@pytest.mark.parametrize("damage, message", [("foreign", "is not an ensemble exported by export.py"),
+                                             ("random bytes", "cannot read"), ("truncated", "cannot read"),
+                                             ("empty", "cannot read"), ("missing", "no ONNX file")])
+def test_a_file_that_is_not_our_ensemble_is_refused(exported, tmp_path, damage, message):
+    path = tmp_path / "model.onnx"
+    if damage == "foreign":
+        foreign_graph(path)
+    elif damage == "random bytes":
+        path.write_bytes(np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8).tobytes())
+    elif damage == "truncated":
+        path.write_bytes(exported.read_bytes()[:exported.stat().st_size // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    with pytest.raises(cli.UsageError, match=f"{path}.*{message}|{message}.*{path}") as caught:
+        inference.Predictor.from_onnx(path)
+    assert "export.py --format onnx" in str(caught.value)
+
+
+@pytest.mark.parametrize("key, value, message", [("classes", "[]", "class list"), ("classes", "[1, 2]", "class list"),
+                                                 ("weights", "[1.0]", "weights"), ("weights", "[0.5, NaN]", "weights"),
+                                                 ("members", "not json", "JSONDecodeError"), ("tta", "mirror", "tta"),
+                                                 ("format", "fer-onnx-0", "format")])
+def test_metadata_is_checked_before_use(exported, tmp_path, key, value, message):
+    model = onnx.load(str(exported))
+    for prop in model.metadata_props:
+        if prop.key == key:
+            prop.value = value
+    path = tmp_path / "changed.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(cli.UsageError, match=f"{path} is not an ensemble exported by export.py.*{message}"):
+        inference.Predictor.from_onnx(path)
+
+
+def test_a_graph_of_another_shape_is_refused_even_with_our_metadata(exported, tmp_path):
+    path = tmp_path / "identity.onnx"
+    foreign_graph(path)
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {p.key: p.value for p in onnx.load(str(exported)).metadata_props})
+    onnx.save(model, str(path))
+    with pytest.raises(cli.UsageError, match=f"{path} does not take float32 .* return 7 class probabilities"):
+        inference.Predictor.from_onnx(path)
+
+
+def face_image(folder):
+    from PIL import Image
+    path = folder / "face.png"
+    Image.fromarray(faces(1, seed=3)[0]).save(path)
+    return path
+
+
+def test_predict_with_the_onnx_backend_answers_like_torch(random_ensemble, exported, tmp_path, capsys):
+    image = face_image(tmp_path)
+    (from_torch,) = predict.main([str(image), "--no-detect", "--json", "--ensemble", str(random_ensemble),
+                                  "--precision", "fp32", "--threads", "1"])
+    (from_onnx,) = predict.main([str(image), "--no-detect", "--json", "--backend", "onnx", "--onnx", str(exported),
+                                 "--threads", "1"])
+    assert f"ONNX ensemble {exported} (model_x, model_y; fp32, ONNX Runtime CPU); tta none" in capsys.readouterr().err
+    assert from_onnx.keys() == from_torch.keys()
+    (face_torch,), (face_onnx,) = from_torch["faces"], from_onnx["faces"]
+    assert face_onnx["box"] == face_torch["box"] and face_onnx["top"][0]["emotion"] == face_torch["top"][0]["emotion"]
+    for emotion, probability in face_torch["probabilities"].items():
+        assert face_onnx["probabilities"][emotion] == pytest.approx(probability, abs=2e-4)  # rounded to 4 digits
+
+
+@pytest.mark.parametrize("flags, message", [(["--onnx", "x.onnx"], "add --backend onnx"),
+                                            (["--backend", "onnx", "--checkpoints", "a.pt"], "leave them out"),
+                                            (["--backend", "onnx", "--onnx", "missing.onnx"], "no ONNX file missing.onnx")])
+def test_predict_explains_backend_flags_that_do_not_fit(tmp_path, flags, message):
+    with pytest.raises(cli.UsageError, match=message):
+        predict.main([str(face_image(tmp_path)), "--no-detect", *flags])
+
+
+def test_evaluate_reports_the_onnx_ensemble(random_ensemble, exported, tmp_path):
+    report = evaluate.main(["--backend", "onnx", "--onnx", str(exported), "--data", "synthetic:20", "--split", "val",
+                            "--out", str(tmp_path), "--threads", "1"])
+    split = inference.align_classes(evaluate.data.load_split("synthetic:20", "val"), synthetic.CLASSES)
+    torch_probs = inference.Predictor.from_ensemble(random_ensemble, device="cpu", precision="fp32") \
+        .probabilities(split[0])
+    assert report["backend"] == "onnx" and report["tta"] == "none" and report["models"] == {}
+    assert report["ensemble"]["accuracy"] == ensemble.accuracy(torch_probs, split[1])
+    assert report["ensemble"]["weights"] == dict(zip(["model_x", "model_y"], WEIGHTS))
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "confusion_ensemble.png").is_file()
+    with pytest.raises(cli.UsageError, match="--backend onnx: pass --data"):
+        evaluate.main(["--backend", "onnx", "--onnx", str(exported), "--out", str(tmp_path)])
+
+
+def test_int8_is_written_only_within_tolerance(random_ensemble, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(export, "INT8_TOLERANCE", 1.0)  # random weights: any accuracy change is let through
+    export_onnx(random_ensemble, tmp_path, "onnx-int8")
+    printed = capsys.readouterr().out
+    assert "fp32: ensemble" in printed and "int8: ensemble" in printed
+    int8 = tmp_path / onnx_ensemble.INT8_NAME
+    predictor = inference.Predictor.from_onnx(int8)
+    assert predictor.precision == "int8" and predictor.classes == synthetic.CLASSES
+    assert any(node.op_type == "QuantizeLinear" for node in onnx.load(str(int8)).graph.node)
+    probs = predictor.predict_faces(faces(7))
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-3)
+
+    monkeypatch.setattr(export, "INT8_TOLERANCE", -1.0)  # never within: refused, and the earlier file removed
+    export_onnx(random_ensemble, tmp_path, "onnx-int8")
+    assert f"{onnx_ensemble.INT8_NAME} not written" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ensemble.onnx"]
+
+
+def test_calibration_images_are_a_seeded_choice_of_training_images():
+    train = torch.arange(500 * 48 * 48, dtype=torch.int64).remainder(256).to(torch.uint8).reshape(500, 1, 48, 48)
+    chosen = onnx_ensemble.calibration_images(train)
+    assert chosen.shape == (onnx_ensemble.CALIBRATION_IMAGES, 1, 48, 48) and chosen.dtype == np.float32
+    np.testing.assert_array_equal(chosen, onnx_ensemble.calibration_images(train))
+    assert len(onnx_ensemble.calibration_images(train[:20])) == 20
+
+
+def test_the_torch_path_does_not_import_onnx():
+    code = ("import sys, predict, evaluate, export, inference; "
+            "print(sorted(m for m in ('onnx', 'onnxruntime', 'onnxscript') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=inference.Path(inference.__file__).parent,
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
