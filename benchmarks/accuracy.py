@@ -110,7 +110,8 @@ def main():
     out = (ROOT / args.out).resolve()
     settings = {classes: benchmark(classes, args, out) for classes in args.classes}
     m = machine()
-    where = f"{m['processor']}, {m['usable_cpus']} CPU cores, torch {m['torch']}"
+    where = (f"{m['processor']} (bf16 matmul peak {m['bf16_matmul_peak_gmacs']} G multiply-adds/s), "
+             f"{m['usable_cpus']} CPU cores, torch {m['torch']}")
     table = markdown_table(settings, where)
     print("\n" + table)
     (out / "accuracy.json").write_text(json.dumps({"settings": settings, "machine": m,

@@ -12,7 +12,23 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the benchmarks import the repository's modules
 
 from files import write_text_atomic  # noqa: E402  (after the repository is on the path)
-from models import default_threads  # noqa: E402
+from models import autocast, default_threads  # noqa: E402
+
+MATMUL_SIZE = 4096  # large enough that the matmul runs at the machine's compute peak, not memory speed
+
+
+def matmul_peak(device=torch.device("cpu"), precision="bf16", repeats=5, size=MATMUL_SIZE):
+    """Multiply-adds per second of a large matmul under autocast: the machine's reachable peak, printed
+    beside every time because machines of the same name differ in speed from day to day. The fastest of
+    `repeats`, since contention from other work only ever slows it down."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+
+    def multiply():
+        with autocast(device, precision):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return size ** 3 / min(timings(multiply, repeats))
 
 
 def machine():
@@ -23,7 +39,8 @@ def machine():
     except OSError:
         pass
     return {"processor": name, "cpu_count": os.cpu_count(), "usable_cpus": default_threads(),
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "bf16_matmul_peak_gmacs": round(matmul_peak() / 1e9)}
 
 
 def timings(function, repeats, warm=1):

@@ -146,7 +146,8 @@ def backend_table(result):
 def markdown(result):
     r, m = result["figures"], result["machine"]
     return "\n".join([
-        f"**Prediction speed**: {m['processor']}, {result['threads']} thread(s) of {m['cpu_count']} CPUs, "
+        f"**Prediction speed**: {m['processor']} (bf16 matmul peak {m['bf16_matmul_peak_gmacs']} G multiply-adds/s), "
+        f"{result['threads']} thread(s) of {m['cpu_count']} CPUs, "
         f"torch {m['torch']}, device {result['device']}, precision {result['precision']}, "
         f"{len(result['models'])} model(s), TTA {result['tta']}", "",
         "| measurement | value |", "| --- | ---: |",
@@ -248,7 +249,8 @@ def video_markdown(result):
     r, m = result["figures"], result["machine"]
     rows = [f"| {VIDEO_STAGES[stage]} | {r[stage + '_ms']:.2f} |" for stage in VIDEO_STAGES]
     return "\n".join([
-        f"**Video pipeline**: {m['processor']}, {result['threads']} thread(s) of {m['cpu_count']} CPUs, "
+        f"**Video pipeline**: {m['processor']} (bf16 matmul peak {m['bf16_matmul_peak_gmacs']} G multiply-adds/s), "
+        f"{result['threads']} thread(s) of {m['cpu_count']} CPUs, "
         f"torch {m['torch']}, device {result['device']}, precision {result['precision']}, "
         f"{len(result['models'])} model(s), TTA {result['tta']}; a {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} clip of "
         f"{r['frames']} frames with one face, faces looked for every {result['detect_every']} frames on a copy "

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torchvision import datasets, transforms as T
 
-from common import ROOT, machine, publish, timings
+from common import MATMUL_SIZE, ROOT, machine, matmul_peak, publish, timings
 
 import augment  # noqa: E402  (common put the repository on the path)
 import cli  # noqa: E402
@@ -30,7 +30,7 @@ import evaluate  # noqa: E402
 import inference  # noqa: E402
 import synthetic  # noqa: E402
 import train  # noqa: E402
-from models import MODELS, autocast, build_model, describe_model, pick_device, resolve_precision  # noqa: E402
+from models import MODELS, build_model, describe_model, pick_device, resolve_precision  # noqa: E402
 
 TRAIN = train.build_parser().parse_args([])  # train.py's defaults: batch size, SGD, augmentation, threads
 EVAL_BATCH = evaluate.build_parser().get_default("batch_size")
@@ -41,7 +41,6 @@ WORKERS, PREFETCH = 2, 2  # the num_workers most FER repositories use; DataLoade
 # Untimed steps at the start of every window: enough to use up the batches the plain loader's workers
 # prefetched while the other pipeline ran, so no window starts with free batches.
 WARM_STEPS = WORKERS * PREFETCH
-MATMUL_SIZE = 4096  # large enough that the matmul runs at the machine's compute peak, not memory speed
 
 
 def build_parser():
@@ -190,18 +189,6 @@ def inference_speed(name, val, device, precision, eval_repeats, latency_repeats)
     latency = statistics.median(timings(
         lambda: inference.predict_probs(model, val.images[:1], "none", 1, precision), latency_repeats, warm=3))
     return {"eval_images_per_s": len(val.labels) / seconds, "eval_val_s": seconds, "latency_ms": 1000 * latency}
-
-
-def matmul_peak(device, precision, repeats, size=MATMUL_SIZE):
-    """Multiply-adds per second of a large matmul under the training step's autocast: the reachable peak.
-    The fastest of `repeats`, since contention from other work only ever slows it down."""
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-
-    def multiply():
-        with autocast(device, precision):
-            a @ b
-        sync(device)
-    return size ** 3 / min(timings(multiply, repeats))
 
 
 def measure_model(name, train_split, val, train_folder, device, precision, args, repeats):
