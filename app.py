@@ -49,12 +49,8 @@ class BadUpload(Exception):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--checkpoints", nargs="+", default=None,
-                        help="checkpoint (.pt) or shipped (.safetensors) files, averaged with equal weights")
-    source.add_argument("--ensemble", default=None,
-                        help="ensemble.json from evaluate.py or export.py; unset: the shipped weights/ensemble.json, "
-                             "else predict.py's order (runs/evaluation/ensemble.json, then runs/**/best.pt)")
+    cli.add_model_flags(p, unset="the shipped weights/ensemble.json, else predict.py's order "
+                                "(runs/evaluation/ensemble.json, then runs/**/best.pt)")
     p.add_argument("--tta", default=None, choices=TTA_CHOICES, help="the page's first choice; unset: the ensemble's")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on; 0.0.0.0 opens it to the network")
     p.add_argument("--port", type=cli.positive(int), default=7860, help="port to serve on")

@@ -49,6 +49,17 @@ def add_device_flags(parser, batch_size, batch_help):
     parser.add_argument("--batch-size", type=positive(int), default=batch_size, help=batch_help)
 
 
+def add_model_flags(parser, unset="runs/evaluation/ensemble.json if it exists, else every runs/**/best.pt, "
+                                   "else the shipped weights/ensemble.json"):
+    """--checkpoints or --ensemble: the models a script runs; `unset` says what it uses without either."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoints", nargs="+", default=None,
+                        help="checkpoint (.pt) or shipped (.safetensors) files, averaged with equal weights (name "
+                             "the inputs first); unset: see --ensemble")
+    source.add_argument("--ensemble", default=None,
+                        help=f"ensemble.json written by evaluate.py or export.py; unset: {unset}")
+
+
 def run(main):
     """Call a script's main(); a UsageError or DataError becomes one line on stderr and exit status 1."""
     try:

@@ -20,7 +20,7 @@ import data
 import ensemble
 from files import write_atomic, write_text_atomic
 from inference import PRETRAINED, PRETRAINED_ONNX, TTA_CHOICES, Predictor, align_classes, common_classes, \
-    ensemble_members, load_members, predict_probs, unique_names
+    load_members, members_of, predict_probs, unique_names
 from models import pick_device, resolve_precision
 
 matplotlib.use("Agg")
@@ -122,8 +122,8 @@ def fitted_ensemble(args, members, names, classes, data_source, precision):
 def chosen_members(args, device):
     """(members, the shipped ensemble record or None): --pretrained, --checkpoints, or every best.pt."""
     if args.pretrained:
-        members, _ = ensemble_members(PRETRAINED)  # the members that carry weight, checked against their hashes
         record = ensemble.load_ensemble(PRETRAINED)
+        members = members_of(record, PRETRAINED)  # the members that carry weight, checked against their hashes
         record["members"] = [m for m in record["members"] if m["weight"] > 0]
         return load_members([p for p, _, _ in members], device, [h for _, _, h in members]), record
     paths = [Path(p) for p in args.checkpoints] if args.checkpoints else sorted(Path(args.runs).glob("**/best.pt"))

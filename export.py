@@ -27,8 +27,8 @@ import data
 import ensemble
 import onnx_ensemble
 from files import write_atomic
-from inference import MEMBER_FORMAT, METADATA_KEY, PRETRAINED, align_classes, common_classes, ensemble_members, \
-    load_member, load_members, predict_probs, unique_names
+from inference import MEMBER_FORMAT, METADATA_KEY, PRETRAINED, align_classes, common_classes, load_member, \
+    load_members, members_of, predict_probs, unique_names
 from models import load_checkpoint, pick_device, resolve_precision
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
@@ -116,12 +116,13 @@ def copy_into(path, folder):
 def onnx_source(ensemble_file):
     """(the members that carry weight, loaded from checkpoints or safetensors files, in fp32 on CPU; their
     Description, with weights normalised)."""
-    members, tta = ensemble_members(ensemble_file)
+    source = ensemble.load_ensemble(ensemble_file)
+    members, tta = members_of(source, ensemble_file), source["tta"]
     paths = [path for path, _, _ in members]
     loaded = load_members(paths, "cpu", [sha256 for _, _, sha256 in members])
     weights = np.array([w for _, w, _ in members]) / sum(w for _, w, _ in members)
     description = onnx_ensemble.Description(common_classes(loaded), weights, unique_names(paths), tta,
-                                            ensemble.load_ensemble(ensemble_file)["method"], "fp32")
+                                            source["method"], "fp32")
     return loaded, description
 
 
@@ -170,7 +171,7 @@ def main(argv=None):
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
     source = ensemble.load_ensemble(args.ensemble)
-    members, tta = ensemble_members(args.ensemble)  # the members that carry weight
+    members, tta = members_of(source, args.ensemble), source["tta"]  # the members that carry weight
     checkpoints = []
     for path, _, _ in members:
         try:

@@ -137,16 +137,21 @@ def common_classes(members):
 
 
 def ensemble_members(ensemble_file):
-    """[(path, weight, sha256)] of an ensemble file's members that carry weight, with paths resolved
-    against the file's own folder, and the TTA it was fitted with."""
+    """[(path, weight, sha256)] of an ensemble file's members that carry weight, and the TTA it was fitted with."""
     record = ensemble.load_ensemble(ensemble_file)
+    return members_of(record, ensemble_file), record["tta"]
+
+
+def members_of(record, ensemble_file):
+    """[(path, weight, sha256)] of a loaded ensemble record's members that carry weight, with paths resolved
+    against its file's folder; UsageError for a member file that is missing."""
     folder = Path(ensemble_file).parent
     members = [(folder / m["path"], m["weight"], m["sha256"]) for m in record["members"] if m["weight"] > 0]
     for path, _, _ in members:
         if not path.is_file():
             raise UsageError(f"{ensemble_file} names {path}, which does not exist. Re-run python evaluate.py to "
                              "fit the ensemble for the checkpoints you have.")
-    return members, record["tta"]
+    return members
 
 
 def choose_models(checkpoints=None, ensemble_file=None, runs="runs"):

@@ -32,13 +32,7 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="images, videos (by extension: .mp4 .avi .mkv .webm .mov ...), or folders searched recursively")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--checkpoints", nargs="+", default=None,
-                        help="checkpoint (.pt) or shipped (.safetensors) files, averaged with equal weights (name "
-                             "the images first); unset: see --ensemble")
-    source.add_argument("--ensemble", default=None,
-                        help="ensemble.json written by evaluate.py or export.py; unset: runs/evaluation/ensemble.json "
-                             "if it exists, else every runs/**/best.pt, else the shipped weights/ensemble.json")
+    cli.add_model_flags(p)
     p.add_argument("--out", default=None, help="folder for annotated copies of the images; unset: none written")
     p.add_argument("--no-detect", action="store_true", help="treat each whole image as one already-cropped face")
     p.add_argument("--top-k", type=cli.positive(int), default=3, help="emotions listed per face")

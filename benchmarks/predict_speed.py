@@ -32,10 +32,7 @@ FACE_SIZE = 160
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--checkpoints", nargs="+", default=None, help="checkpoint files; unset: see --ensemble")
-    source.add_argument("--ensemble", default=None,
-                        help="ensemble.json; unset: runs/evaluation/ensemble.json if it exists, else every runs/**/best.pt")
+    cli.add_model_flags(p)
     p.add_argument("--faces", type=cli.positive(int), default=128, help="images (one face each) in the batch runs")
     p.add_argument("--repeats", type=cli.positive(int), default=50, help="calls whose median is the latency")
     p.add_argument("--tta", default=None, choices=TTA_CHOICES, help="unset: the ensemble's recorded one, none otherwise")
