@@ -9,6 +9,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import v2
 
 # The measured defaults (see README, "Accuracy"); train.py exposes each as a flag.
 DEFAULTS = dict(hflip=0.5, vflip=0.0, rotation=10.0, crop_scale=0.8, brightness=0.2, contrast=0.2,
@@ -83,3 +84,17 @@ def augment_batch(images, generator, hflip=DEFAULTS["hflip"], vflip=DEFAULTS["vf
     if erasing:
         images = random_erasing(images, generator, erasing)
     return images
+
+
+def batch_mixer(mixup, cutmix, probability, num_classes):
+    """MixUp (Zhang et al. 2018, blending two images) and CutMix (Yun et al. 2019, pasting a patch of one
+    into another) from torchvision, on whole batches of images and integer labels: a callable returning
+    (images, soft labels), applied to a `probability` share of batches; with both on, one of the two per
+    batch. None when both alphas are 0. The draws come from torch's global generator, which train.py
+    seeds and saves in every checkpoint."""
+    mixers = [mixer(alpha=alpha, num_classes=num_classes)
+              for mixer, alpha in ((v2.MixUp, mixup), (v2.CutMix, cutmix)) if alpha > 0]
+    if not mixers:
+        return None
+    mix = mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+    return mix if probability >= 1 else v2.RandomApply([mix], p=probability)

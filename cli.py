@@ -28,14 +28,26 @@ def positive(kind):
     return parse
 
 
-def probability(text):
-    """An argparse type: a float between 0 and 1."""
+def number(text):
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def probability(text):
+    """An argparse type: a float between 0 and 1."""
+    value = number(text)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def non_negative(text):
+    """An argparse type: a float of 0 or more."""
+    value = number(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 
 

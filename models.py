@@ -62,16 +62,32 @@ def model_x(num_classes, width=32, dropout=0.25):
 
 
 class ResidualBlock(nn.Module):
-    """Two 3x3 conv-BN layers added to a (1x1-projected) shortcut, then ReLU: a ResNet basic block."""
+    """Two 3x3 conv-BN layers added to a shortcut (1x1-projected where the width changes), then ReLU:
+    a ResNet basic block."""
 
     def __init__(self, in_channels, out_channels):
         super().__init__()
         self.body = nn.Sequential(*conv_bn_relu(in_channels, out_channels), *conv_bn(out_channels, out_channels))
-        self.shortcut = nn.Sequential(*conv_bn(in_channels, out_channels, kernel_size=1))
+        self.shortcut = (nn.Sequential(*conv_bn(in_channels, out_channels, kernel_size=1))
+                         if in_channels != out_channels else nn.Identity())
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x):
         return self.relu(self.body(x) + self.shortcut(x))
+
+
+def residual_network(num_classes, width, dropout, blocks):
+    """A 5x5 stem and max-pooling (48->24), then three stages of residual blocks, `blocks[i]` in stage i,
+    at widths 2, 4 and 8 times `width` (24->12->6 with max-pooling between), global average pooling, dropout
+    and a linear classifier."""
+    layers, in_channels = [*conv_bn_relu(1, width, kernel_size=5), nn.MaxPool2d(2)], width
+    for stage, count in enumerate(blocks):
+        out_channels = width * 2 ** (stage + 1)
+        layers += [nn.MaxPool2d(2)] if stage else []
+        layers += [ResidualBlock(in_channels if block == 0 else out_channels, out_channels) for block in range(count)]
+        in_channels = out_channels
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                         nn.Linear(in_channels, num_classes))
 
 
 # model_y's epochs are cheaper than model_x's, so it gets more of them within the same time budget
@@ -85,16 +101,23 @@ def model_y(num_classes, width=32, dropout=0.3):
     spatial one are there to make its mistakes differ from model_x's: an ensemble gains only where its
     members disagree.
     """
-    return nn.Sequential(
-        *conv_bn_relu(1, width, kernel_size=5), nn.MaxPool2d(2),
-        ResidualBlock(width, width * 2), nn.MaxPool2d(2),
-        ResidualBlock(width * 2, width * 4), nn.MaxPool2d(2),
-        ResidualBlock(width * 4, width * 8),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Dropout(dropout),
-        nn.Linear(width * 8, num_classes),
-    )
+    return residual_network(num_classes, width, dropout, blocks=(1, 1, 1))
+
+
+@register(epochs=40)
+def model_z(num_classes, width=32, dropout=0.3):
+    """model_y made deeper where the feature maps are small: a second residual block at 12x12 and at
+    6x6 (eleven conv layers on the main path), for more capacity at little cost per layer. A third shape
+    for the ensemble, deeper than both others."""
+    return residual_network(num_classes, width, dropout, blocks=(1, 2, 2))
+
+
+@register(epochs=60)
+def model_w(num_classes, width=40, dropout=0.3):
+    """model_y a quarter wider: wide and shallow where model_z is narrow and deep (Zagoruyko & Komodakis
+    2016 found widening residual networks a cheaper way to accuracy than deepening them), a fourth shape
+    for the longest budget. Wider still, the four members' weights would outgrow what weights/ may hold."""
+    return model_y(num_classes, width=width, dropout=dropout)
 
 
 def check_known(name):

@@ -7,8 +7,6 @@ metrics.csv, curves.png, config.json, last.pt (every epoch) and best.pt (best va
     torchrun --standalone --nproc_per_node=2 train.py ...   # the same recipe on 2 GPUs: distributed.py
 """
 import argparse
-import csv
-import io
 import json
 import math
 import platform
@@ -20,26 +18,38 @@ import threading
 import time
 from pathlib import Path
 
-import matplotlib
 import torch
 import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
 import augment
+import averaging
 import cli
 import data
 import distributed
 from files import write_atomic, write_text_atomic
+from history import plot_curves, write_metrics
 from models import MODELS, autocast, build_model, default_epochs, describe_model, resolve_precision
 from resume import (given_flags, open_run, restore_rank_rng, resume_optimizer, resume_scheduler, resumed_config,
                     rng_state, saved_data_source, with_provenance)
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-
-METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_sec"]
 AUGMENT_FLAGS = list(augment.DEFAULTS)
+# Named sets of flag defaults, one per training-time budget on two CPU cores; a flag typed beside --budget
+# wins. docs/results.md gives what each bought, measured by benchmarks/accuracy.py.
+BUDGETS = {
+    "20min": {"models": ["model_y"], "epochs": 36},
+    "45min": {"models": ["model_y"]},
+    "90min": {},  # the defaults below
+    "3h": {"models": ["model_x", "model_y", "model_z", "model_w"]},
+}
+
+
+def budget_flags(flags):
+    """A budget's flags as typed on a command line."""
+    def typed(value):
+        return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+    return " ".join(f"--{key.replace('_', '-')} {typed(value)}" for key, value in flags.items())
 
 
 def build_parser():
@@ -47,7 +57,12 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=None,
                    help="FER folder, FER-2013 CSV, or 'synthetic'; unset: ./data if it exists, else synthetic")
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to train")
+    p.add_argument("--budget", default="90min", choices=list(BUDGETS),
+                   help="a named set of the flags' defaults for a training-time budget: "
+                        + "; ".join(f"{name}: {budget_flags(flags) or 'as listed here'}"
+                                    for name, flags in BUDGETS.items()))
+    p.add_argument("--models", nargs="+", default=["model_x", "model_y"], choices=list(MODELS),
+                   help="models to train, one after another")
     p.add_argument("--out", default="runs", help="folder for the run folders, one per model")
     p.add_argument("--resume", action="store_true",
                    help="continue each model's run from its last.pt; flags you pass override its saved ones")
@@ -85,6 +100,16 @@ def build_parser():
                    help="maximum relative contrast change")
     p.add_argument("--erasing", type=cli.probability, default=augment.DEFAULTS["erasing"],
                    help="random erasing probability")
+    p.add_argument("--mixup", type=cli.non_negative, default=0.0,
+                   help="MixUp's Beta(alpha, alpha) parameter on whole batches (0 = off)")
+    p.add_argument("--cutmix", type=cli.non_negative, default=0.0,
+                   help="CutMix's Beta(alpha, alpha) parameter on whole batches (0 = off; with --mixup, one of the "
+                        "two per batch)")
+    p.add_argument("--mix-prob", type=cli.probability, default=1.0,
+                   help="share of batches that --mixup/--cutmix mix")
+    p.add_argument("--ema-decay", type=cli.probability, default=0.0,
+                   help="keep an exponential moving average of the weights with this decay per step (0 = off); "
+                        "when on, the average (batch-norm statistics re-measured) is validated and saved as best.pt")
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same run")
     cli.add_device_flags(p, batch_size=128, batch_help="training (and validation) batch size")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
@@ -165,13 +190,14 @@ def build_scheduler(optimizer, args):
 
 def train_step(model, optimizer, scaler, x, y, device, precision, label_smoothing, batch_images=None, stop=False):
     """One SGD step on this process's part (x, y) of a batch of `batch_images` images (default: all of
-    it): (mean loss, correct predictions, images) over the whole batch, and whether any process was
+    it; y: class indices, or class probabilities from mixup or CutMix, whose largest counts as the
+    label): (mean loss, correct predictions, images) over the whole batch, and whether any process was
     asked to `stop`. A loss that is not finite is returned before any weight changes, on every
     process alike, so the caller can stop with the last good weights intact."""
     with autocast(device, precision):
         logits = model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-    correct = (logits.argmax(1) == y).sum()
+    correct = (logits.argmax(1) == (y if y.ndim == 1 else y.argmax(1))).sum()
     counts = torch.tensor([len(y), stop], dtype=torch.float64, device=device)
     totals = torch.cat([torch.stack([loss.detach().double() * len(y), correct.double()]), counts])
     loss_sum, correct, seen, stop = distributed.all_reduce_sum(totals).tolist()  # one device sync
@@ -185,30 +211,6 @@ def train_step(model, optimizer, scaler, x, y, device, precision, label_smoothin
     scaler.step(optimizer)
     scaler.update()
     return loss_sum / seen, int(correct), int(seen), stop > 0
-
-
-def write_metrics(run_dir, metrics):
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=METRIC_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(metrics)
-    write_text_atomic(run_dir / "metrics.csv", text.getvalue())
-
-
-def plot_curves(run_dir, metrics, title):
-    epochs = [m["epoch"] for m in metrics]
-    figure, (loss_axis, acc_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    for split in ("train", "val"):
-        loss_axis.plot(epochs, [m[f"{split}_loss"] for m in metrics], marker=".", label=split)
-        acc_axis.plot(epochs, [100 * m[f"{split}_acc"] for m in metrics], marker=".", label=split)
-    loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title=f"{title}: loss")
-    acc_axis.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{title}: accuracy")
-    for axis in (loss_axis, acc_axis):
-        axis.grid(alpha=0.3)
-        axis.legend()
-    figure.tight_layout()
-    write_atomic(run_dir / "curves.png", lambda file: figure.savefig(file, format="png", dpi=100))
-    plt.close(figure)
 
 
 def divergence_message(name, what, lr, run_dir):
@@ -268,11 +270,16 @@ def train_model(name, args, train, val, run_dir, checkpoint):
                 "torchvision": torchvision.__version__}}, indent=2))
     # Under torchrun `model` is the DistributedDataParallel wrapper that trains; `plain` is validated and saved.
     model, plain = distributed.wrap(model, device, args.sync_bn)
+    ema = averaging.moving_average(plain, args.ema_decay) if args.ema_decay else None
+    if ema and checkpoint and checkpoint.get("ema"):  # a run resumed with --ema-decay starts its average then
+        ema.load_state_dict(checkpoint["ema"])
+    mix = augment.batch_mixer(args.mixup, args.cutmix, args.mix_prob, len(train.classes))
 
-    def save(path):
+    def save(path, weights):
         rngs = distributed.gather(rng_state(device, generator))  # every process takes part; rank 0 writes
         if master:
-            state = {"model_name": name, "classes": train.classes, "config": vars(args), "model": plain.state_dict(),
+            state = {"model_name": name, "classes": train.classes, "config": vars(args), "model": weights.state_dict(),
+                     "ema": ema.state_dict() if ema else None,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "rng": rngs[0], "rank_rng": rngs[1:], "progress": dict(progress),
                      "metrics": metrics}
@@ -281,6 +288,11 @@ def train_model(name, args, train, val, run_dir, checkpoint):
     images, labels = train.images.to(device), train.labels.to(device)
     val_images, val_labels = distributed.shard(val.images).to(device), distributed.shard(val.labels).to(device)
     augmentation = {key: getattr(args, key) for key in AUGMENT_FLAGS}
+
+    def augmented(index):
+        x = augment.augment_batch(images[index].float().div_(255), generator, **augmentation)
+        return x.contiguous(memory_format=memory_format)
+
     batches = math.ceil(len(labels) / args.batch_size)
     while progress["epoch"] < args.epochs and not progress["stopped"]:
         epoch = progress["epoch"]
@@ -294,11 +306,13 @@ def train_model(name, args, train, val, run_dir, checkpoint):
         for batch in bar:
             whole = order[batch * args.batch_size:(batch + 1) * args.batch_size]
             index = distributed.shard(whole)  # this process's part of the batch
-            x = augment.augment_batch(images[index].float().div_(255), generator, **augmentation)
-            x = x.contiguous(memory_format=memory_format)
-            y = labels[index]
+            x, y = augmented(index), labels[index]
+            if mix:
+                x, y = mix(x, y)
             loss_value, correct, seen, stop = train_step(model, optimizer, scaler, x, y, device, precision,
                                                          args.label_smoothing, len(whole), stop_requested.is_set())
+            if ema:
+                ema.update_parameters(plain)
             if not math.isfinite(loss_value):
                 raise cli.UsageError(divergence_message(
                     name, f"loss became {loss_value} at epoch {epoch + 1}, batch {batch + 1}", lr, run_dir))
@@ -310,7 +324,7 @@ def train_model(name, args, train, val, run_dir, checkpoint):
                 bar.set_postfix(loss=f"{progress['loss_sum'] / progress['seen']:.3f}")
             if stop:  # Ctrl-C or SIGTERM reached at least one process: all of them stop here
                 progress["seconds"] = time.perf_counter() - started
-                save(run_dir / "last.pt")
+                save(run_dir / "last.pt", plain)
                 if master:
                     print(f"\n{name}: interrupted at epoch {epoch + 1}, batch {batch + 1}; saved {run_dir}/last.pt. "
                           f"Continue with: python train.py --resume --out {args.out} --models {name}"
@@ -324,14 +338,25 @@ def train_model(name, args, train, val, run_dir, checkpoint):
         if not math.isfinite(val_loss):  # weights can overflow even while the batch losses stay finite
             raise cli.UsageError(divergence_message(
                 name, f"validation loss became {val_loss} at epoch {epoch + 1}, batch {batches}", lr, run_dir))
+        ema_val_acc = ""
+        if ema:
+            first_batches = (order[i * args.batch_size:(i + 1) * args.batch_size]
+                             for i in range(min(averaging.BN_BATCHES, batches)))
+            averaging.recompute_batch_norm(ema, (augmented(distributed.shard(b)) for b in first_batches),
+                                           autocast(device, precision))
+            distributed.average_buffers(ema.module)
+            ema_val_acc = evaluate_split(ema.module, val_images, val_labels, device, precision, args.channels_last,
+                                         args.batch_size)[1]
         metrics.append({"epoch": epoch + 1, "train_loss": round(progress["loss_sum"] / progress["seen"], 5),
                         "train_acc": round(progress["correct"] / progress["seen"], 5),
-                        "val_loss": round(val_loss, 5), "val_acc": round(val_acc, 5), "lr": lr,
+                        "val_loss": round(val_loss, 5), "val_acc": round(val_acc, 5),
+                        "ema_val_acc": round(ema_val_acc, 5) if ema else "", "lr": lr,
                         "seconds": round(seconds, 2), "images_per_sec": round(progress["seen"] / seconds, 1)})
         if master:
             print(f"{name} epoch {epoch + 1}/{args.epochs}: train loss {metrics[-1]['train_loss']:.3f} "
-                  f"acc {100 * metrics[-1]['train_acc']:.1f}% | val loss {val_loss:.3f} acc {100 * val_acc:.1f}% | "
-                  f"lr {lr:.3g} | {seconds:.0f} s, {metrics[-1]['images_per_sec']:.0f} img/s", flush=True)
+                  f"acc {100 * metrics[-1]['train_acc']:.1f}% | val loss {val_loss:.3f} acc {100 * val_acc:.1f}% "
+                  + (f"(average {100 * ema_val_acc:.1f}%) " if ema else "")
+                  + f"| lr {lr:.3g} | {seconds:.0f} s, {metrics[-1]['images_per_sec']:.0f} img/s", flush=True)
         if args.schedule == "plateau":
             scheduler.step(val_loss)
         else:
@@ -344,10 +369,11 @@ def train_model(name, args, train, val, run_dir, checkpoint):
         at_floor = optimizer.param_groups[0]["lr"] <= args.min_lr * (1 + 1e-6)
         if args.schedule == "plateau" and at_floor and progress["epochs_since_best_loss"] > args.plateau_patience:
             progress["stopped"] = "learning rate at its floor and validation loss no longer improving"
-        if val_acc > progress["best_val_acc"]:
-            progress["best_val_acc"] = val_acc
-            save(run_dir / "best.pt")  # before last.pt: a kill in between redoes this epoch identically
-        save(run_dir / "last.pt")
+        if (ema_val_acc if ema else val_acc) > progress["best_val_acc"]:
+            progress["best_val_acc"] = ema_val_acc if ema else val_acc
+            # before last.pt: a kill in between redoes this epoch identically
+            save(run_dir / "best.pt", ema.module if ema else plain)
+        save(run_dir / "last.pt", plain)
         if master:
             write_metrics(run_dir, metrics)
             plot_curves(run_dir, metrics, name)
@@ -360,13 +386,20 @@ def train_model(name, args, train, val, run_dir, checkpoint):
 
 
 def with_model_epochs(args, name):
-    """`args` with --epochs set: as given (or saved in the resumed run), else the model's default."""
+    """`args` with --epochs set: as given (or saved in the resumed run, or set by --budget), else the
+    model's default."""
     return argparse.Namespace(**{**vars(args), "epochs": args.epochs or default_epochs(name)})
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The parser, with the defaults of the --budget given (or of the default budget), and the flags."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    parser.set_defaults(**BUDGETS[parser.parse_known_args(argv)[0].budget])
+    return parser, parser.parse_args(argv)
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
     # Every model trains on the data loaded below (a resumed run's own unless --data is given): it counts as given.
     given = given_flags(parser, argv) | {"data"}
     invocation = shlex.join(["python", "train.py", *(sys.argv[1:] if argv is None else argv)])

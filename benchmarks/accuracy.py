@@ -1,94 +1,148 @@
-"""Accuracy benchmark: train model_x and model_y with train.py's default recipe on FER-2013, select and
-schedule on validation (the PublicTest rows), fit the ensemble on validation, and print a table of
-validation accuracy without and with test-time augmentation, macro-F1, training minutes and epochs.
+"""Accuracy benchmark: what each training-time budget (train.py --budget) buys on FER-2013. For every
+budget it trains the budget's members with train.py, one call per member (a member cut short is
+resumed, a finished one is kept), evaluates them with evaluate.py on validation (the PublicTest rows;
+checkpoints, ensemble weights and everything else are chosen there too) without TTA, with flip and with
+ten-crop (reports newer than every member's checkpoint are reused), and prints one table line per budget.
 
-    python benchmarks/accuracy.py                      # 7 classes, then 6 (disgust left out), ../shared/data/fer2013
-    python benchmarks/accuracy.py --classes 7          # one setting only
-    python benchmarks/accuracy.py --skip-training      # re-evaluate the checkpoints already trained
+    python benchmarks/accuracy.py --budgets 20min 90min 3h    # train what is missing, evaluate, print the table
+    python benchmarks/accuracy.py --skip-training              # the table from the runs already trained
+    python benchmarks/accuracy.py --budgets 20min --label mix -- --mixup 0.2 --cutmix 1   # an ablation line
 
-It runs the user's own commands (train.py, then evaluate.py once per TTA mode) as subprocesses, keeps
-the checkpoints under --out/fer7 and --out/fer6, and writes one table for all settings to
---out/accuracy.json and accuracy.md.
+Runs go to --out/<budget>[-<label>]/; the table to --out/accuracy.md and accuracy.json. Each train.py
+call is timed with the machine's bf16 matmul peak measured just before it, because the same machine
+differs in speed from day to day.
 """
 import argparse
 import csv
 import json
-import os
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import ROOT, machine
+from common import ROOT, machine, matmul_peak
+
+sys.path.insert(0, str(ROOT))
+from train import BUDGETS, parse_args  # noqa: E402  (after common puts the repository on the path)
 
 TTA_MODES = ["none", "flip", "tencrop"]
-
-
-def six_class_view(source, folder):
-    """FER-2013 without disgust, as a tree of symbolic links (no image is copied)."""
-    for split_dir in sorted(p for p in Path(source).iterdir() if p.is_dir()):
-        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and p.name != "disgust"):
-            target = folder / split_dir.name / class_dir.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if not target.exists():
-                os.symlink(class_dir.resolve(), target)
-    return folder
+# Training multiply-adds per image: the forward pass plus a backward pass that costs about two of it
+# (gradients for the activations and for the weights; Kaplan et al. 2020, "Scaling laws", section 2.1).
+TRAINING_PASSES = 3
 
 
 def run(command):
     print("$", " ".join(map(str, command)), flush=True)
-    started = time.perf_counter()
     subprocess.run([sys.executable, *map(str, command)], cwd=ROOT, check=True)
-    return time.perf_counter() - started
 
 
-def training_summary(run_dir):
+def budget_members(budget, train_args):
+    """The models a budget trains, as train.py resolves them with the extra flags."""
+    return parse_args(["--budget", budget, *train_args])[1].models
+
+
+def finished(run_dir):
+    """Whether a member's run went through all its epochs (a run cut short gets --resume)."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        with open(run_dir / "metrics.csv") as file:
+            return len(list(csv.DictReader(file))) >= config["epochs"]
+    except (OSError, KeyError, ValueError):
+        return False
+
+
+def train_member(name, budget, out, args):
+    """One train.py call for one member, timed, with the machine's peak measured just before it."""
+    run_dir = out / name
+    if finished(run_dir):
+        return
+    resume = ["--resume"] if (run_dir / "last.pt").exists() else []
+    peak = round(matmul_peak() / 1e9)
+    started, completed = time.perf_counter(), False
+    try:
+        run(["train.py", "--budget", budget, "--models", name, "--data", args.data, "--out", out, *resume,
+             *args.train_args])
+        completed = True
+    finally:  # an interrupted call is recorded too: its time counts, and the next call resumes it
+        calls_file = run_dir / "calls.json"
+        calls = json.loads(calls_file.read_text()) if calls_file.exists() else []
+        calls.append({"seconds": time.perf_counter() - started, "bf16_matmul_peak_gmacs": peak,
+                      "resumed": bool(resume), "completed": completed})
+        if run_dir.exists():
+            calls_file.write_text(json.dumps(calls, indent=2))
+
+
+def member_summary(run_dir):
+    """Epochs, training minutes and training multiply-adds of one member. The minutes are the epochs
+    times the median epoch's seconds, which a few epochs slowed by other work on the machine (or a run
+    paused and resumed) leave as they are; the sums of the epochs' seconds and of the train.py calls'
+    wall times are kept beside them."""
+    config = json.loads((run_dir / "config.json").read_text())
     with open(run_dir / "metrics.csv") as file:
         rows = list(csv.DictReader(file))
-    return {"epochs": len(rows), "train_minutes": sum(float(r["seconds"]) for r in rows) / 60,
-            "best_epoch_val_acc": max(float(r["val_acc"]) for r in rows)}
+    images = sum(float(r["images_per_sec"]) * float(r["seconds"]) for r in rows)
+    calls_file = run_dir / "calls.json"
+    calls = json.loads(calls_file.read_text()) if calls_file.exists() else []
+    seconds = [float(r["seconds"]) for r in rows]
+    return {"epochs": len(rows), "train_minutes": len(rows) * statistics.median(seconds) / 60,
+            "epoch_minutes": sum(seconds) / 60,
+            "wall_minutes": sum(c["seconds"] for c in calls) / 60 if calls else None,
+            "peaks": sorted({c["bf16_matmul_peak_gmacs"] for c in calls}),
+            "training_macs": TRAINING_PASSES * config["size"]["macs"] * images,
+            "commands": config.get("commands", ["(not recorded: the run predates train.py recording it)"])}
 
 
-def markdown_table(settings, where):
-    lines = [f"FER-2013 validation (the PublicTest rows), train.py's default recipe, on {where}", "",
-             "| classes | model | val acc | val acc, flip TTA | val acc, ten-crop TTA | macro-F1 (ten-crop) "
-             "| train min | wall min | epochs |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for classes, results in settings.items():
-        for name, r in results.items():
-            minutes = f"{r['train_minutes']:.1f}" if "train_minutes" in r else ""
-            wall = f"{r['wall_minutes']:.1f}" if "wall_minutes" in r else ""
-            lines.append(f"| {classes} | {name} | {100 * r['none']:.2f}% | {100 * r['flip']:.2f}% | "
-                         f"{100 * r['tencrop']:.2f}% | {r['macro_f1_tencrop']:.3f} | {minutes} | {wall} | "
-                         f"{r.get('epochs', '')} |")
-    lines += ["", "train min: the training epochs' own seconds (metrics.csv); wall min: the whole train.py call "
-              "for that model (data loading and validation passes included)."]
-    return "\n".join(lines)
+def up_to_date(report, out):
+    """Whether an evaluation report is newer than every member's best.pt (so it need not be redone)."""
+    return report.exists() and all(report.stat().st_mtime > best.stat().st_mtime for best in out.glob("*/best.pt"))
 
 
-def benchmark(classes, args, out):
-    """Train (unless --skip-training) and evaluate one class setting: {model: figures and times}."""
-    out = out / f"fer{classes}"
-    source = Path(args.data) if classes == 7 else six_class_view(args.data, out / "data")
-    for name in [] if args.skip_training else args.models:  # one train.py call each, timed on its own
-        seconds = run(["train.py", "--data", source, "--out", out, "--overwrite", "--models", name, *args.train_args])
-        (out / name / "wall.json").write_text(json.dumps({"seconds": seconds, "train_args": args.train_args}))
-    results = {}
+def evaluate_budget(out, data):
+    """Validation accuracy of every member and of their ensemble, for each TTA mode."""
+    accuracy = {}
     for tta in TTA_MODES:
-        run(["evaluate.py", "--runs", out, "--data", source, "--split", "val", "--tta", tta,
-             "--out", out / f"evaluation_{tta}"])
-        report = json.loads((out / f"evaluation_{tta}" / "report.json").read_text())
+        folder = out / f"evaluation_{tta}"
+        if not up_to_date(folder / "report.json", out):
+            run(["evaluate.py", "--runs", out, "--data", data, "--split", "val", "--tta", tta, "--out", folder,
+                 "--refit"])
+        report = json.loads((folder / "report.json").read_text())
         for name, figures in [*report["models"].items(), ("ensemble", report.get("ensemble"))]:
             if figures:
-                results.setdefault(name, {})[tta] = figures["accuracy"]
-                results[name][f"macro_f1_{tta}"] = figures["macro_f1"]
-    for name in results:
-        if (out / name / "metrics.csv").exists():
-            results[name].update(training_summary(out / name))
-        if (out / name / "wall.json").exists():
-            wall = json.loads((out / name / "wall.json").read_text())
-            results[name].update(wall_minutes=wall["seconds"] / 60, train_args=wall["train_args"])
-    return results
+                accuracy.setdefault(name, {})[tta] = figures["accuracy"]
+    return accuracy
+
+
+def summarize(out, accuracy):
+    members = {name: member_summary(out / name) for name in accuracy if (out / name / "config.json").exists()}
+    walls = [m["wall_minutes"] for m in members.values()]
+    return {"members": members, "accuracy": accuracy,
+            "train_minutes": sum(m["train_minutes"] for m in members.values()),
+            "wall_minutes": sum(walls) if None not in walls else None,
+            "peaks": sorted({p for m in members.values() for p in m["peaks"]}),
+            "training_macs": sum(m["training_macs"] for m in members.values())}
+
+
+def markdown_table(results, data):
+    lines = [f"FER-2013 validation (PublicTest), `--data {data}`", "",
+             "| budget | members (epochs) | train min | bf16 peak, G MAC/s | training multiply-adds | val acc | "
+             "flip TTA | ten-crop TTA |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for key, r in results.items():
+        members = ", ".join(f"{name} ({m['epochs']})" for name, m in r["members"].items())
+        peaks = "-".join(map(str, [min(r["peaks"]), max(r["peaks"])] if len(r["peaks"]) > 1 else r["peaks"])) or "?"
+        ensemble = r["accuracy"]["ensemble" if "ensemble" in r["accuracy"] else next(iter(r["members"]))]
+        lines.append(f"| {key} | {members} | {r['train_minutes']:.0f} | {peaks} | {r['training_macs'] / 1e15:.2f} P | "
+                     + " | ".join(f"{100 * ensemble[tta]:.2f}%" for tta in TTA_MODES) + " |")
+    lines += ["", "train min: each member's epochs times its median epoch's seconds (validation passes not "
+              "included), added up; bf16 peak: the machine's bf16 matmul multiply-adds per second, measured "
+              "before each train.py call (? where the run predates this benchmark); training multiply-adds: "
+              f"{TRAINING_PASSES} x forward multiply-adds x training images seen. Accuracy: the ensemble of "
+              "the members (the member itself for one), its weights fitted on validation.", "", "Commands:"]
+    for key, r in results.items():
+        commands = [c for m in r["members"].values() for c in m["commands"]]
+        lines.append(f"- {key}: " + "; ".join(f"`{c}`" for c in commands)
+                     + f"; then `python evaluate.py --runs RUNS --data {data} --split val --tta TTA --refit`")
+    return "\n".join(lines)
 
 
 def main():
@@ -96,28 +150,31 @@ def main():
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "fer2013"),
                         help="FER-2013 folder with train/ and val/")
-    parser.add_argument("--classes", type=int, nargs="+", choices=[6, 7], default=[7, 6],
-                        help="class settings to run, in order: 7, and 6 (disgust left out, the apollo2506 setting)")
-    parser.add_argument("--out", default="runs/accuracy", help="folder for checkpoints, reports and the table")
-    parser.add_argument("--models", nargs="+", default=["model_x", "model_y"],
-                        help="models to train (each in its own train.py call); the ensemble uses every model in --out")
-    parser.add_argument("--skip-training", action="store_true",
-                        help="evaluate the checkpoints already in --out (their recorded wall time is kept)")
-    parser.add_argument("train_args", nargs="*", help="extra train.py flags, after --, e.g. -- --epochs 30")
+    parser.add_argument("--budgets", nargs="+", choices=list(BUDGETS), default=list(BUDGETS),
+                        help="budgets to train and evaluate, in order")
+    parser.add_argument("--label", default="", help="suffix of the run folders, for an ablation with extra flags")
+    parser.add_argument("--out", default="runs/budgets", help="folder for the runs, reports and the table")
+    parser.add_argument("--skip-training", action="store_true", help="evaluate only the runs already trained")
+    parser.add_argument("train_args", nargs="*", help="extra train.py flags, after --, e.g. -- --ema-decay 0")
     args = parser.parse_args()
     if not Path(args.data).is_dir():
         sys.exit(f"error: {args.data} is not a folder; pass --data with FER-2013's train/ and val/ folders")
-    out = (ROOT / args.out).resolve()
-    settings = {classes: benchmark(classes, args, out) for classes in args.classes}
+    root = (ROOT / args.out).resolve()
+    results = {}
+    for budget in args.budgets:
+        key = f"{budget}-{args.label}" if args.label else budget
+        out = root / key
+        for name in [] if args.skip_training else budget_members(budget, args.train_args):
+            train_member(name, budget, out, args)
+        if any(out.glob("*/best.pt")):
+            results[key] = summarize(out, evaluate_budget(out, args.data))
     m = machine()
-    where = (f"{m['processor']} (bf16 matmul peak {m['bf16_matmul_peak_gmacs']} G multiply-adds/s), "
-             f"{m['usable_cpus']} CPU cores, torch {m['torch']}")
-    table = markdown_table(settings, where)
-    print("\n" + table)
-    (out / "accuracy.json").write_text(json.dumps({"settings": settings, "machine": m,
-                                                   "data": str(args.data)}, indent=2))
-    (out / "accuracy.md").write_text(table + "\n")
-    print(f"\nwrote {out}/accuracy.json and accuracy.md")
+    table = markdown_table(results, args.data)
+    print(f"\n{table}\n\nevaluated on {m['processor']}, {m['usable_cpus']} CPU cores, torch {m['torch']}, "
+          f"bf16 matmul peak now {m['bf16_matmul_peak_gmacs']} G MAC/s")
+    (root / "accuracy.json").write_text(json.dumps({"budgets": results, "machine": m, "data": args.data}, indent=2))
+    (root / "accuracy.md").write_text(table + "\n")
+    print(f"wrote {root}/accuracy.json and accuracy.md")
 
 
 if __name__ == "__main__":

@@ -141,3 +141,14 @@ def test_error_when_ensemble_members_have_different_classes(trained_runs, tmp_pa
     with pytest.raises(cli.UsageError, match="different class lists.*contempt"):
         evaluate.main(["--checkpoints", str(trained_runs / "model_x" / "best.pt"), str(other),
                        "--out", str(tmp_path / "eval"), "--tta", "none"])
+
+
+def test_an_ensemble_of_three_architectures_works_end_to_end(trained_runs, tmp_path):
+    runs = shutil.copytree(trained_runs, tmp_path / "runs", ignore=shutil.ignore_patterns("evaluation"))
+    train.main(["--data", "synthetic:20", "--epochs", "1", "--out", str(runs), "--models", "model_z", *QUICK_TRAINING])
+    evaluate.main(["--runs", str(runs), "--out", str(runs / "evaluation"), "--tta", "flip"])
+    saved = ensemble.load_ensemble(runs / "evaluation" / "ensemble.json")
+    assert [m["path"] for m in saved["members"]] == [f"../{name}/best.pt" for name in ("model_x", "model_y", "model_z")]
+    predictor = inference.Predictor.from_ensemble(runs / "evaluation" / "ensemble.json")
+    probabilities = predictor.probabilities(torch.randint(0, 256, (2, 1, 48, 48), dtype=torch.uint8))
+    assert probabilities.shape == (2, 7) and np.allclose(probabilities.sum(1), 1, atol=1e-3)

@@ -98,6 +98,9 @@ def test_bad_data_is_a_clear_error_from_train(tmp_path, make, message):
     (["--batch-size", "0"], "must be greater than 0"),
     (["--lr", "-0.1"], "must be greater than 0"),
     (["--lr", "0"], "must be greater than 0"),
+    (["--mixup", "-1"], "must be 0 or more"),
+    (["--ema-decay", "1.5"], "must be between 0 and 1"),
+    (["--budget", "1h"], "invalid choice: '1h'"),
 ])
 def test_bad_flags_are_rejected_before_any_work(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:

@@ -94,19 +94,24 @@ def test_resume_after_whole_epochs_matches_uninterrupted_run(tmp_path):
         assert [int(r["epoch"]) for r in csv.DictReader(file)] == [1, 2, 3]
 
 
-def test_interrupt_mid_epoch_saves_and_resume_matches(tmp_path, monkeypatch, capsys):
-    whole = run(tmp_path / "whole", epochs=2)
-    real_augment = train.augment.augment_batch
+AVERAGE_AND_MIX = ("--ema-decay", "0.9", "--mixup", "0.4", "--cutmix", "1.0", "--mix-prob", "0.5")
+
+
+@pytest.mark.parametrize("extra", [(), AVERAGE_AND_MIX], ids=["plain", "average-and-mix"])
+def test_interrupt_mid_epoch_saves_and_resume_matches(tmp_path, monkeypatch, capsys, extra):
+    whole = run(tmp_path / "whole", *extra, epochs=2)
+    real_step = train.train_step
     calls = itertools.count()
 
-    def augment_then_interrupt(*args, **kwargs):
-        if next(calls) == 6:  # 5 batches an epoch: as if Ctrl-C arrived during batch 2 of epoch 2
+    def step_then_interrupt(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        if next(calls) == 5:  # 5 batches an epoch: as if Ctrl-C arrived during batch 2 of epoch 2
             train.stop_requested.set()
-        return real_augment(*args, **kwargs)
+        return result
 
-    monkeypatch.setattr(train.augment, "augment_batch", augment_then_interrupt)
+    monkeypatch.setattr(train, "train_step", step_then_interrupt)
     with pytest.raises(SystemExit) as stopped:
-        run(tmp_path / "cut", epochs=2)
+        run(tmp_path / "cut", *extra, epochs=2)
     assert stopped.value.code == 130 and "--resume" in capsys.readouterr().out
     monkeypatch.undo()
     train.stop_requested.clear()
@@ -114,6 +119,22 @@ def test_interrupt_mid_epoch_saves_and_resume_matches(tmp_path, monkeypatch, cap
     assert (progress["epoch"], progress["batch"]) == (1, 2)
     train.main(["--resume", "--out", str(tmp_path / "cut"), "--models", "model_x"])
     assert_same_weights(final_weights(whole), final_weights(tmp_path / "cut" / "model_x"))
+    if extra:
+        averages = [torch.load(d / "last.pt", weights_only=True)["ema"] for d in (whole, tmp_path / "cut" / "model_x")]
+        assert_same_weights(*averages)
+
+
+def test_the_weight_average_is_validated_and_saved_as_best(tmp_path):
+    run_dir = run(tmp_path, *AVERAGE_AND_MIX, epochs=3, data="synthetic:30")
+    with open(run_dir / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    best = torch.load(run_dir / "best.pt", weights_only=True)
+    assert best["progress"]["best_val_acc"] == pytest.approx(max(float(r["ema_val_acc"]) for r in rows), abs=1e-5)
+    # best.pt's weights are the average's at that epoch, batch-norm statistics included, not the trained ones.
+    assert_same_weights(best["model"], {key[len("module."):]: value for key, value in best["ema"].items()
+                                        if key.startswith("module.")})
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    assert not torch.equal(last["model"]["0.weight"], last["ema"]["module.0.weight"])
 
 
 def test_existing_run_is_not_overwritten_by_accident(tmp_path):
@@ -157,13 +178,24 @@ def test_each_model_has_its_own_epochs_unless_epochs_is_given():
     unset, given = parser.parse_args([]), parser.parse_args(["--epochs", "5"])
     defaults = {name: models.default_epochs(name) for name in models.MODELS}
     assert {name: train.with_model_epochs(unset, name).epochs for name in models.MODELS} == defaults
-    assert defaults == {"model_x": 60, "model_y": 72}  # the recipe in the README's results
+    assert defaults == {"model_x": 60, "model_y": 72, "model_z": 40, "model_w": 60}  # docs/results.md
     assert {train.with_model_epochs(given, name).epochs for name in models.MODELS} == {5}
     assert "model_x 60, model_y 72" in " ".join(parser.format_help().split())
     # A run started with --epochs 5 and resumed without it keeps its 5, not the model's default.
     resumed = resume.resumed_config(parser.parse_args(["--resume"]), resume.given_flags(parser, ["--resume"]),
                                     {"config": vars(given)})
     assert train.with_model_epochs(resumed, "model_y").epochs == 5
+
+
+def test_a_budget_sets_defaults_that_typed_flags_override():
+    assert train.parse_args(["--budget", "20min"])[1].models == ["model_y"]
+    assert train.with_model_epochs(train.parse_args(["--budget", "20min"])[1], "model_y").epochs == 36
+    assert train.parse_args(["--budget", "20min", "--epochs", "5"])[1].epochs == 5
+    assert train.parse_args(["--budget", "20min", "--models", "model_x"])[1].models == ["model_x"]
+    assert train.parse_args([])[1].models == ["model_x", "model_y"]  # the 90-minute default
+    assert "20min: --models model_y --epochs 36" in " ".join(train.build_parser().format_help().split())
+    for flags in train.BUDGETS.values():  # every budget's flags are real flags with valid values
+        train.parse_args(train.budget_flags(flags).split())
 
 
 def test_given_flags_are_told_apart_from_defaults_by_parsing():

@@ -1,0 +1,27 @@
+"""Weight averaging for training: an exponential moving average (EMA) of a network's weights, kept by
+torch.optim.swa_utils, with its batch-norm statistics recomputed before it is validated or saved.
+
+The running batch-norm statistics of a network belong to its own weights, not to an average of them
+(Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima"), so they are measured again on
+training batches instead of being averaged along with the weights.
+"""
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
+
+# Training batches that re-measure batch-norm statistics: enough for stable means and variances of
+# every channel, few enough to cost a small part of an epoch.
+BN_BATCHES = 24
+
+
+def moving_average(model, decay):
+    """An EMA copy of `model` (same device and memory format), updated after every optimizer step by
+    `update_parameters(model)`: each step moves it 1 - decay of the way towards the current weights."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+
+
+@torch.no_grad()
+def recompute_batch_norm(averaged, batches, autocast):
+    """Replace `averaged`'s batch-norm running statistics by those of `batches` (input tensors, as
+    training sees them), under the training precision's `autocast` context."""
+    with autocast:
+        update_bn(batches, averaged)

@@ -1,0 +1,31 @@
+"""benchmarks/accuracy.py's bookkeeping: a budget's members, minutes, multiply-adds and table line,
+on tiny trained runs (the benchmark itself trains for hours and is never run by a test)."""
+import json
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import accuracy  # noqa: E402  (after the benchmarks folder is on the path)
+
+
+def test_a_budget_resolves_to_the_members_train_py_would_train():
+    assert accuracy.budget_members("20min", []) == ["model_y"]
+    assert accuracy.budget_members("3h", ["--models", "model_x"]) == ["model_x"]
+
+
+def test_summary_and_table_of_a_trained_budget(trained_runs):
+    config = json.loads((trained_runs / "model_x" / "config.json").read_text())
+    figures = {"none": 0.5, "flip": 0.55, "tencrop": 0.6}
+    result = accuracy.summarize(trained_runs, {"model_x": figures, "model_y": figures, "ensemble": figures})
+    member = result["members"]["model_x"]
+    images = 20 * 7  # synthetic:20 has 20 training images per class, one epoch
+    assert member["epochs"] == 1 and accuracy.finished(trained_runs / "model_x")
+    assert member["training_macs"] == pytest.approx(3 * config["size"]["macs"] * images, rel=0.01)
+    assert result["training_macs"] == pytest.approx(sum(m["training_macs"] for m in result["members"].values()))
+    table = accuracy.markdown_table({"20min": result}, "DATA")
+    line = next(row for row in table.splitlines() if row.startswith("| 20min |"))
+    assert "model_x (1), model_y (1)" in line and line.endswith("| 50.00% | 55.00% | 60.00% |")
+    assert config["commands"][0] in table  # the command that trained each member
