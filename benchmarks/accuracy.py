@@ -1,8 +1,9 @@
 """Accuracy benchmark: what each training-time budget (train.py --budget) buys on FER-2013. For every
 budget it trains the budget's members with train.py, one call per member (a member cut short is
-resumed, a finished one is kept), evaluates them with evaluate.py on validation (the PublicTest rows;
-checkpoints, ensemble weights and everything else are chosen there too) without TTA, with flip and with
-ten-crop (reports newer than every member's checkpoint are reused), and prints one table line per budget.
+resumed, a finished one is kept), evaluates the finished ones with evaluate.py on validation (the PublicTest
+rows; checkpoints, ensemble weights and everything else are chosen there too) without TTA, with flip and
+with ten-crop (a report of the same members, newer than their checkpoints, is reused), and prints one
+table line per budget, naming any member still training.
 
     python benchmarks/accuracy.py --budgets 20min 90min 3h    # train what is missing, evaluate, print the table
     python benchmarks/accuracy.py --skip-training              # the table from the runs already trained
@@ -93,19 +94,22 @@ def member_summary(run_dir):
             "commands": config.get("commands", ["(not recorded: the run predates train.py recording it)"])}
 
 
-def up_to_date(report, out):
-    """Whether an evaluation report is newer than every member's best.pt (so it need not be redone)."""
-    return report.exists() and all(report.stat().st_mtime > best.stat().st_mtime for best in out.glob("*/best.pt"))
+def up_to_date(report, checkpoints):
+    """Whether an evaluation report holds exactly these members and is newer than each (no need to redo it)."""
+    return (report.exists() and set(json.loads(report.read_text())["models"]) == {c.parent.name for c in checkpoints}
+            and all(report.stat().st_mtime > c.stat().st_mtime for c in checkpoints))
 
 
-def evaluate_budget(out, data):
-    """Validation accuracy of every member and of their ensemble, for each TTA mode."""
+def evaluate_budget(out, members, data):
+    """Validation accuracy of each finished member (one cut short is left out) and of their ensemble,
+    for each TTA mode."""
+    checkpoints = [out / name / "best.pt" for name in members if finished(out / name)]
     accuracy = {}
     for tta in TTA_MODES:
         folder = out / f"evaluation_{tta}"
-        if not up_to_date(folder / "report.json", out):
-            run(["evaluate.py", "--runs", out, "--data", data, "--split", "val", "--tta", tta, "--out", folder,
-                 "--refit"])
+        if not up_to_date(folder / "report.json", checkpoints):
+            run(["evaluate.py", "--checkpoints", *checkpoints, "--data", data, "--split", "val", "--tta", tta,
+                 "--out", folder, "--refit"])
         report = json.loads((folder / "report.json").read_text())
         for name, figures in [*report["models"].items(), ("ensemble", report.get("ensemble"))]:
             if figures:
@@ -129,6 +133,8 @@ def markdown_table(results, data):
              "flip TTA | ten-crop TTA |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for key, r in results.items():
         members = ", ".join(f"{name} ({m['epochs']})" for name, m in r["members"].items())
+        unfinished = [name for name in r.get("members_planned", []) if name not in r["members"]]
+        members += f"; still training: {', '.join(unfinished)}" if unfinished else ""
         peaks = "-".join(map(str, [min(r["peaks"]), max(r["peaks"])] if len(r["peaks"]) > 1 else r["peaks"])) or "?"
         ensemble = r["accuracy"]["ensemble" if "ensemble" in r["accuracy"] else next(iter(r["members"]))]
         lines.append(f"| {key} | {members} | {r['train_minutes']:.0f} | {peaks} | {r['training_macs'] / 1e15:.2f} P | "
@@ -164,10 +170,12 @@ def main():
     for budget in args.budgets:
         key = f"{budget}-{args.label}" if args.label else budget
         out = root / key
-        for name in [] if args.skip_training else budget_members(budget, args.train_args):
+        members = budget_members(budget, args.train_args)
+        for name in [] if args.skip_training else members:
             train_member(name, budget, out, args)
-        if any(out.glob("*/best.pt")):
-            results[key] = summarize(out, evaluate_budget(out, args.data))
+        if any(finished(out / name) for name in members):
+            results[key] = summarize(out, evaluate_budget(out, members, args.data))
+            results[key]["members_planned"] = members
     m = machine()
     table = markdown_table(results, args.data)
     print(f"\n{table}\n\nevaluated on {m['processor']}, {m['usable_cpus']} CPU cores, torch {m['torch']}, "

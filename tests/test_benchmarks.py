@@ -25,7 +25,9 @@ def test_summary_and_table_of_a_trained_budget(trained_runs):
     assert member["epochs"] == 1 and accuracy.finished(trained_runs / "model_x")
     assert member["training_macs"] == pytest.approx(3 * config["size"]["macs"] * images, rel=0.01)
     assert result["training_macs"] == pytest.approx(sum(m["training_macs"] for m in result["members"].values()))
+    result["members_planned"] = ["model_x", "model_y", "model_z"]
     table = accuracy.markdown_table({"20min": result}, "DATA")
     line = next(row for row in table.splitlines() if row.startswith("| 20min |"))
-    assert "model_x (1), model_y (1)" in line and line.endswith("| 50.00% | 55.00% | 60.00% |")
+    assert "model_x (1), model_y (1); still training: model_z" in line
+    assert line.endswith("| 50.00% | 55.00% | 60.00% |")
     assert config["commands"][0] in table  # the command that trained each member
