@@ -94,10 +94,12 @@ def member_summary(run_dir):
             "commands": config.get("commands", ["(not recorded: the run predates train.py recording it)"])}
 
 
-def up_to_date(report, checkpoints):
-    """Whether an evaluation report holds exactly these members and is newer than each (no need to redo it)."""
-    return (report.exists() and set(json.loads(report.read_text())["models"]) == {c.parent.name for c in checkpoints}
-            and all(report.stat().st_mtime > c.stat().st_mtime for c in checkpoints))
+def reusable_report(path, checkpoints):
+    """The evaluation report at `path` if it holds exactly these members and is newer than each, else None."""
+    if not path.exists() or any(path.stat().st_mtime <= c.stat().st_mtime for c in checkpoints):
+        return None
+    report = json.loads(path.read_text())
+    return report if set(report["models"]) == {c.parent.name for c in checkpoints} else None
 
 
 def evaluate_budget(out, members, data):
@@ -107,10 +109,11 @@ def evaluate_budget(out, members, data):
     accuracy = {}
     for tta in TTA_MODES:
         folder = out / f"evaluation_{tta}"
-        if not up_to_date(folder / "report.json", checkpoints):
+        report = reusable_report(folder / "report.json", checkpoints)
+        if report is None:
             run(["evaluate.py", "--checkpoints", *checkpoints, "--data", data, "--split", "val", "--tta", tta,
                  "--out", folder, "--refit"])
-        report = json.loads((folder / "report.json").read_text())
+            report = json.loads((folder / "report.json").read_text())
         for name, figures in [*report["models"].items(), ("ensemble", report.get("ensemble"))]:
             if figures:
                 accuracy.setdefault(name, {})[tta] = figures["accuracy"]
