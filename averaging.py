@@ -8,6 +8,8 @@ training batches instead of being averaged along with the weights.
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
+import distributed
+
 # Training batches that re-measure batch-norm statistics: enough for stable means and variances of
 # every channel, few enough to cost a small part of an epoch.
 BN_BATCHES = 24
@@ -25,3 +27,11 @@ def recompute_batch_norm(averaged, batches, autocast):
     training sees them), under the training precision's `autocast` context."""
     with autocast:
         update_bn(batches, averaged)
+
+
+def validate_average(averaged, batches, autocast, validate):
+    """`validate(network)` of the averaged network, once its batch-norm statistics are re-measured on
+    `batches` (and, under torchrun, made the same on every process)."""
+    recompute_batch_norm(averaged, batches, autocast)
+    distributed.average_buffers(averaged.module)
+    return validate(averaged.module)

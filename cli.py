@@ -1,9 +1,11 @@
 """What every script's command line shares: the error a library raises for a bad request, the value
 checks argparse runs, the device flags, and the one-line error report at the top of each script."""
 import argparse
+import shutil
 import sys
 
 from data import DataError
+from files import write_text_atomic
 from models import default_threads
 
 PRECISIONS = ["auto", "bf16", "fp16", "fp32"]
@@ -78,3 +80,16 @@ def run(main):
         main()
     except (UsageError, DataError) as error:
         sys.exit(f"error: {error}")
+
+
+def check_writable(folder, needed_bytes):
+    """Fail now, not after an hour of training, if `folder` cannot be written or lacks the room."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(folder / ".write-test", "ok")
+        (folder / ".write-test").unlink()
+    except OSError as error:
+        raise UsageError(f"cannot write to {folder}: {error.strerror or error}. Choose another --out.") from error
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise UsageError(f"{folder} has {free / 1e6:.0f} MB free; a run needs about {needed_bytes / 1e6:.0f} MB.")

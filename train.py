@@ -11,7 +11,6 @@ import json
 import math
 import platform
 import shlex
-import shutil
 import signal
 import sys
 import threading
@@ -134,20 +133,6 @@ def resolve_data(choice):
     return "synthetic"
 
 
-def check_writable(run_dir, parameters):
-    """Fail now, not after an hour of training, if checkpoints cannot be written."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / ".write-test", "ok")
-        (run_dir / ".write-test").unlink()
-    except OSError as error:
-        raise cli.UsageError(f"cannot write to {run_dir}: {error.strerror or error}. Choose another --out.") from error
-    needed = parameters * 4 * 3 * 2 + 20_000_000  # weights and momentum, last and best, plus plots
-    free = shutil.disk_usage(run_dir).free
-    if free < needed:
-        raise cli.UsageError(f"{run_dir} has {free / 1e6:.0f} MB free; a run needs about {needed / 1e6:.0f} MB.")
-
-
 def epoch_order(count, seed, epoch, device):
     """The shuffled order of epoch `epoch`: derived from (seed, epoch), so resuming needs no state."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -237,7 +222,8 @@ def train_model(name, args, train, val, run_dir, checkpoint):
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = build_model(name, len(train.classes)).to(device, memory_format=memory_format)
     size = describe_model(model)
-    distributed.on_master(check_writable, run_dir, size["parameters"])
+    # weights and momentum, in last.pt and best.pt, plus plots
+    distributed.on_master(cli.check_writable, run_dir, size["parameters"] * 4 * 3 * 2 + 20_000_000)
     if master:
         print(f"{name}: {size['parameters'] / 1e6:.2f} M parameters, {size['macs'] / 1e6:.0f} M multiply-adds "
               f"per image; {device.type}, {precision}, {len(train.labels)} training images"
@@ -293,6 +279,9 @@ def train_model(name, args, train, val, run_dir, checkpoint):
         x = augment.augment_batch(images[index].float().div_(255), generator, **augmentation)
         return x.contiguous(memory_format=memory_format)
 
+    def validate(network):
+        return evaluate_split(network, val_images, val_labels, device, precision, args.channels_last, args.batch_size)
+
     batches = math.ceil(len(labels) / args.batch_size)
     while progress["epoch"] < args.epochs and not progress["stopped"]:
         epoch = progress["epoch"]
@@ -333,20 +322,15 @@ def train_model(name, args, train, val, run_dir, checkpoint):
         bar.close()
         seconds = time.perf_counter() - started
         distributed.average_buffers(plain)  # batch norm's running statistics: one model on every process
-        val_loss, val_acc = evaluate_split(plain, val_images, val_labels, device, precision, args.channels_last,
-                                           args.batch_size)
+        val_loss, val_acc = validate(plain)
         if not math.isfinite(val_loss):  # weights can overflow even while the batch losses stay finite
             raise cli.UsageError(divergence_message(
                 name, f"validation loss became {val_loss} at epoch {epoch + 1}, batch {batches}", lr, run_dir))
         ema_val_acc = ""
         if ema:
-            first_batches = (order[i * args.batch_size:(i + 1) * args.batch_size]
-                             for i in range(min(averaging.BN_BATCHES, batches)))
-            averaging.recompute_batch_norm(ema, (augmented(distributed.shard(b)) for b in first_batches),
-                                           autocast(device, precision))
-            distributed.average_buffers(ema.module)
-            ema_val_acc = evaluate_split(ema.module, val_images, val_labels, device, precision, args.channels_last,
-                                         args.batch_size)[1]
+            bn_batches = (augmented(distributed.shard(order[i * args.batch_size:(i + 1) * args.batch_size]))
+                          for i in range(min(averaging.BN_BATCHES, batches)))
+            ema_val_acc = averaging.validate_average(ema, bn_batches, autocast(device, precision), validate)[1]
         metrics.append({"epoch": epoch + 1, "train_loss": round(progress["loss_sum"] / progress["seen"], 5),
                         "train_acc": round(progress["correct"] / progress["seen"], 5),
                         "val_loss": round(val_loss, 5), "val_acc": round(val_acc, 5),

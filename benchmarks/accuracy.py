@@ -53,6 +53,12 @@ def finished(run_dir):
         return False
 
 
+def recorded_calls(run_dir):
+    """train_member's record of the train.py calls of a member: seconds, peak, resumed, completed."""
+    path = run_dir / "calls.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
 def train_member(name, budget, out, args):
     """One train.py call for one member, timed, with the machine's peak measured just before it."""
     run_dir = out / name
@@ -66,32 +72,27 @@ def train_member(name, budget, out, args):
              *args.train_args])
         completed = True
     finally:  # an interrupted call is recorded too: its time counts, and the next call resumes it
-        calls_file = run_dir / "calls.json"
-        calls = json.loads(calls_file.read_text()) if calls_file.exists() else []
+        calls = recorded_calls(run_dir)
         calls.append({"seconds": time.perf_counter() - started, "bf16_matmul_peak_gmacs": peak,
                       "resumed": bool(resume), "completed": completed})
         if run_dir.exists():
-            calls_file.write_text(json.dumps(calls, indent=2))
+            (run_dir / "calls.json").write_text(json.dumps(calls, indent=2))
 
 
 def member_summary(run_dir):
-    """Epochs, training minutes and training multiply-adds of one member. The minutes are the epochs
-    times the median epoch's seconds, which a few epochs slowed by other work on the machine (or a run
-    paused and resumed) leave as they are; the sums of the epochs' seconds and of the train.py calls'
-    wall times are kept beside them."""
+    """Epochs, training minutes, training multiply-adds and train.py commands of one member. The minutes
+    are the epochs times the median epoch's seconds, which a few epochs slowed by other work on the machine
+    (or a run paused and resumed) leave as they are."""
     config = json.loads((run_dir / "config.json").read_text())
     with open(run_dir / "metrics.csv") as file:
         rows = list(csv.DictReader(file))
     images = sum(float(r["images_per_sec"]) * float(r["seconds"]) for r in rows)
-    calls_file = run_dir / "calls.json"
-    calls = json.loads(calls_file.read_text()) if calls_file.exists() else []
     seconds = [float(r["seconds"]) for r in rows]
+    commands = config.get("commands", ["(not recorded: the run predates train.py recording it)"])
     return {"epochs": len(rows), "train_minutes": len(rows) * statistics.median(seconds) / 60,
-            "epoch_minutes": sum(seconds) / 60,
-            "wall_minutes": sum(c["seconds"] for c in calls) / 60 if calls else None,
-            "peaks": sorted({c["bf16_matmul_peak_gmacs"] for c in calls}),
+            "peaks": sorted({c["bf16_matmul_peak_gmacs"] for c in recorded_calls(run_dir)}),
             "training_macs": TRAINING_PASSES * config["size"]["macs"] * images,
-            "commands": config.get("commands", ["(not recorded: the run predates train.py recording it)"])}
+            "commands": list(dict.fromkeys(commands))}  # a run resumed twice the same way: its command once
 
 
 def reusable_report(path, checkpoints):
@@ -103,9 +104,8 @@ def reusable_report(path, checkpoints):
 
 
 def evaluate_budget(out, members, data):
-    """Validation accuracy of each finished member (one cut short is left out) and of their ensemble,
-    for each TTA mode."""
-    checkpoints = [out / name / "best.pt" for name in members if finished(out / name)]
+    """Validation accuracy of each member (finished ones only) and of their ensemble, for each TTA mode."""
+    checkpoints = [out / name / "best.pt" for name in members]
     accuracy = {}
     for tta in TTA_MODES:
         folder = out / f"evaluation_{tta}"
@@ -122,12 +122,20 @@ def evaluate_budget(out, members, data):
 
 def summarize(out, accuracy):
     members = {name: member_summary(out / name) for name in accuracy if (out / name / "config.json").exists()}
-    walls = [m["wall_minutes"] for m in members.values()]
     return {"members": members, "accuracy": accuracy,
             "train_minutes": sum(m["train_minutes"] for m in members.values()),
-            "wall_minutes": sum(walls) if None not in walls else None,
             "peaks": sorted({p for m in members.values() for p in m["peaks"]}),
             "training_macs": sum(m["training_macs"] for m in members.values())}
+
+
+def earlier_results(path, data):
+    """The budget lines of an earlier call on the same data, kept so that measuring one budget leaves the others
+    in the table."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return earlier.get("budgets", {}) if earlier.get("data") == data else {}
 
 
 def markdown_table(results, data):
@@ -176,9 +184,11 @@ def main():
         members = budget_members(budget, args.train_args)
         for name in [] if args.skip_training else members:
             train_member(name, budget, out, args)
-        if any(finished(out / name) for name in members):
-            results[key] = summarize(out, evaluate_budget(out, members, args.data))
+        done = [name for name in members if finished(out / name)]
+        if done:
+            results[key] = summarize(out, evaluate_budget(out, done, args.data))
             results[key]["members_planned"] = members
+    results = {**earlier_results(root / "accuracy.json", args.data), **results}
     m = machine()
     table = markdown_table(results, args.data)
     print(f"\n{table}\n\nevaluated on {m['processor']}, {m['usable_cpus']} CPU cores, torch {m['torch']}, "

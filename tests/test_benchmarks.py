@@ -31,3 +31,11 @@ def test_summary_and_table_of_a_trained_budget(trained_runs):
     assert "model_x (1), model_y (1); still training: model_z" in line
     assert line.endswith("| 50.00% | 55.00% | 60.00% |")
     assert config["commands"][0] in table  # the command that trained each member
+
+
+def test_lines_measured_earlier_on_the_same_data_stay_in_the_table(tmp_path):
+    path = tmp_path / "accuracy.json"
+    path.write_text(json.dumps({"data": "DATA", "budgets": {"20min": {"train_minutes": 19}}}))
+    assert accuracy.earlier_results(path, "DATA") == {"20min": {"train_minutes": 19}}
+    assert accuracy.earlier_results(path, "OTHER DATA") == {}
+    assert accuracy.earlier_results(tmp_path / "missing.json", "DATA") == {}

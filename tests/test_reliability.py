@@ -177,7 +177,7 @@ def test_unwritable_output_fails_before_training(tmp_path):
 
 
 def test_full_disk_fails_before_training(tmp_path, monkeypatch):
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
+    monkeypatch.setattr(cli.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
     assert "MB free; a run needs about" in train_error(tmp_path, *TINY)
     assert not list((tmp_path / "runs").rglob("*.pt"))
 
