@@ -40,7 +40,7 @@ BUDGETS = {
     "20min": {"models": ["model_y"], "epochs": 36},
     "45min": {"models": ["model_y"]},
     "90min": {},  # the defaults below
-    "3h": {"models": ["model_x", "model_y", "model_z", "model_w"]},
+    "3h": {"models": ["model_x", "model_y", "model_z"]},
 }
 
 

@@ -138,6 +138,12 @@ def earlier_results(path, data):
     return earlier.get("budgets", {}) if earlier.get("data") == data else {}
 
 
+def line_order(key):
+    """Table order: budgets as train.py lists them, each followed by its labelled ablations."""
+    budget, _, label = key.partition("-")
+    return list(BUDGETS).index(budget), label
+
+
 def markdown_table(results, data):
     lines = [f"FER-2013 validation (PublicTest), `--data {data}`", "",
              "| budget | members (epochs) | train min | bf16 peak, G MAC/s | training multiply-adds | val acc | "
@@ -189,6 +195,7 @@ def main():
             results[key] = summarize(out, evaluate_budget(out, done, args.data))
             results[key]["members_planned"] = members
     results = {**earlier_results(root / "accuracy.json", args.data), **results}
+    results = dict(sorted(results.items(), key=lambda item: line_order(item[0])))
     m = machine()
     table = markdown_table(results, args.data)
     print(f"\n{table}\n\nevaluated on {m['processor']}, {m['usable_cpus']} CPU cores, torch {m['torch']}, "

@@ -39,3 +39,8 @@ def test_lines_measured_earlier_on_the_same_data_stay_in_the_table(tmp_path):
     assert accuracy.earlier_results(path, "DATA") == {"20min": {"train_minutes": 19}}
     assert accuracy.earlier_results(path, "OTHER DATA") == {}
     assert accuracy.earlier_results(tmp_path / "missing.json", "DATA") == {}
+
+
+def test_table_lines_follow_the_budgets_each_with_its_ablations():
+    keys = ["3h-z80", "20min-z24", "3h", "20min", "90min"]
+    assert sorted(keys, key=accuracy.line_order) == ["20min", "20min-z24", "90min", "3h", "3h-z80"]
