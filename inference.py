@@ -217,10 +217,15 @@ def predict_probs(model, images, tta="none", batch_size=128, precision="fp32"):
 
 
 def load_cascade():
+    """OpenCV's frontal-face Haar cascade; UsageError naming the fix where this OpenCV has none (OpenCV 5
+    dropped the cascades, and some builds leave out the object-detection module altogether)."""
+    fix = (f"install opencv-python-headless>=4.8,<5 (this is OpenCV {cv2.__version__}; OpenCV 5 no longer ships "
+           "Haar cascades), or pass --no-detect")
+    if not hasattr(cv2, "CascadeClassifier") or not hasattr(cv2, "data"):
+        raise UsageError(f"this OpenCV build cannot detect faces (it has no CascadeClassifier): {fix}")
     cascade = cv2.CascadeClassifier(cv2.data.haarcascades + CASCADE)
     if cascade.empty():
-        raise UsageError(f"OpenCV's {CASCADE} is missing; install opencv-python-headless>=4.8,<5 "
-                         "(OpenCV 5 no longer ships Haar cascades), or pass --no-detect")
+        raise UsageError(f"OpenCV's {CASCADE} is missing: {fix}")
     return cascade
 
 

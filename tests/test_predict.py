@@ -157,3 +157,9 @@ def test_predictor_api_on_a_photo_and_on_a_face(tmp_path, ensemble_file):
     assert probs.shape == (1, len(predictor.classes)) and probs.sum() == pytest.approx(1, abs=1e-4)
     assert list(face["probabilities"].values()) == pytest.approx(probs[0].tolist(), abs=1e-3)
     assert predictor.predict(Image.open(image), detect=False) == [face]  # a PIL image works like its path
+
+
+def test_an_opencv_without_haar_cascades_gets_a_usage_error_naming_the_fix(monkeypatch):
+    monkeypatch.delattr(inference.cv2, "CascadeClassifier")  # as in builds without object detection
+    with pytest.raises(cli.UsageError, match=r"opencv-python-headless>=4.8,<5.*--no-detect"):
+        inference.load_cascade()
