@@ -43,12 +43,18 @@ def budget_members(budget, train_args):
     return parse_args(["--budget", budget, *train_args])[1].models
 
 
+def read_run(run_dir):
+    """A member run's config.json and metrics.csv rows."""
+    config = json.loads((run_dir / "config.json").read_text())
+    with open(run_dir / "metrics.csv") as file:
+        return config, list(csv.DictReader(file))
+
+
 def finished(run_dir):
     """Whether a member's run went through all its epochs (a run cut short gets --resume)."""
     try:
-        config = json.loads((run_dir / "config.json").read_text())
-        with open(run_dir / "metrics.csv") as file:
-            return len(list(csv.DictReader(file))) >= config["epochs"]
+        config, rows = read_run(run_dir)
+        return len(rows) >= config["epochs"]
     except (OSError, KeyError, ValueError):
         return False
 
@@ -83,9 +89,7 @@ def member_summary(run_dir):
     """Epochs, training minutes, training multiply-adds and train.py commands of one member. The minutes
     are the epochs times the median epoch's seconds, which a few epochs slowed by other work on the machine
     (or a run paused and resumed) leave as they are."""
-    config = json.loads((run_dir / "config.json").read_text())
-    with open(run_dir / "metrics.csv") as file:
-        rows = list(csv.DictReader(file))
+    config, rows = read_run(run_dir)
     images = sum(float(r["images_per_sec"]) * float(r["seconds"]) for r in rows)
     seconds = [float(r["seconds"]) for r in rows]
     commands = config.get("commands", ["(not recorded: the run predates train.py recording it)"])
@@ -152,7 +156,7 @@ def markdown_table(results, data):
         members = ", ".join(f"{name} ({m['epochs']})" for name, m in r["members"].items())
         unfinished = [name for name in r.get("members_planned", []) if name not in r["members"]]
         members += f"; still training: {', '.join(unfinished)}" if unfinished else ""
-        peaks = "-".join(map(str, [min(r["peaks"]), max(r["peaks"])] if len(r["peaks"]) > 1 else r["peaks"])) or "?"
+        peaks = "-".join(map(str, sorted({min(r["peaks"]), max(r["peaks"])}))) if r["peaks"] else "?"
         ensemble = r["accuracy"]["ensemble" if "ensemble" in r["accuracy"] else next(iter(r["members"]))]
         lines.append(f"| {key} | {members} | {r['train_minutes']:.0f} | {peaks} | {r['training_macs'] / 1e15:.2f} P | "
                      + " | ".join(f"{100 * ensemble[tta]:.2f}%" for tta in TTA_MODES) + " |")
