@@ -17,6 +17,9 @@ from scipy.optimize import minimize
 from cli import UsageError
 from files import write_text_atomic
 
+# The test-time augmentations inference.tta_views knows; an ensemble.json records the one it was fitted with.
+TTA_CHOICES = ["none", "flip", "tencrop", "tencrop-full"]
+
 VERSION = 2  # 2: member paths relative to the ensemble file's folder
 
 
@@ -103,8 +106,8 @@ def record_problem(record):
     if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)
             and len(set(classes)) == len(classes)):
         return '"classes" must be a non-empty list of distinct names'
-    if record.get("tta") not in ("none", "flip", "tencrop"):
-        return '"tta" must be "none", "flip" or "tencrop"'
+    if record.get("tta") not in TTA_CHOICES:
+        return '"tta" must be one of ' + ", ".join(f'"{choice}"' for choice in TTA_CHOICES)
     if not (isinstance(members, list) and members and all(isinstance(m, dict) for m in members)):
         return '"members" must be a non-empty list of objects'
     for number, member in enumerate(members, start=1):

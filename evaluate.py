@@ -39,7 +39,8 @@ def build_parser():
     p.add_argument("--split", default="test", choices=list(data.SPLIT_ALIASES), help="split to report on")
     p.add_argument("--tta", default=None, choices=TTA_CHOICES,
                    help="test-time augmentation: none, flip (mirror average), tencrop (corners+centre, mirrored; "
-                        "ten forward passes per image); unset: tencrop, or the shipped ensemble's own with --pretrained")
+                        "ten forward passes per image), tencrop-full (those ten and the whole image, mirrored; "
+                        "twelve); unset: tencrop, or the shipped ensemble's own with --pretrained")
     p.add_argument("--out", default="runs/evaluation", help="folder for report.json, report.md and the PNGs")
     p.add_argument("--ensemble", default=None,
                    help="ensemble.json to reuse when it matches the checkpoints; unset: OUT/ensemble.json")

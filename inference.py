@@ -29,7 +29,7 @@ from files import safe_filename
 from models import MODELS, autocast, build_model, load_checkpoint, model_from_checkpoint, pick_device, \
     resolve_precision
 
-TTA_CHOICES = ["none", "flip", "tencrop"]
+TTA_CHOICES = ensemble.TTA_CHOICES
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 PRETRAINED = WEIGHTS_DIR / "ensemble.json"
 PRETRAINED_ONNX = WEIGHTS_DIR / "ensemble.onnx"  # export.py --format onnx; run by Predictor.from_onnx
@@ -194,9 +194,11 @@ def tta_views(images, tta):
     """The views whose softmax outputs are averaged; images are float [B, 1, 48, 48]."""
     if tta == "flip":
         return [images, images.flip(-1)]
-    if tta == "tencrop":  # Krizhevsky et al. 2012: four corners and centre of a slightly larger image, mirrored
+    if tta in ("tencrop", "tencrop-full"):  # Krizhevsky et al. 2012: corners and centre of a larger image, mirrored
         larger = TF.resize(images, [54, 54], antialias=True)
-        return list(TF.ten_crop(larger, [48, 48]))
+        crops = list(TF.ten_crop(larger, [48, 48]))
+        # The crops all lose the border; the whole image, mirrored too, keeps it (docs/results.md, ablations).
+        return crops + [images, images.flip(-1)] if tta == "tencrop-full" else crops
     return [images]
 
 

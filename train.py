@@ -335,7 +335,7 @@ def train_model(name, args, train, val, run_dir, checkpoint):
                         "train_acc": round(progress["correct"] / progress["seen"], 5),
                         "val_loss": round(val_loss, 5), "val_acc": round(val_acc, 5),
                         "ema_val_acc": round(ema_val_acc, 5) if ema else "", "lr": lr,
-                        "seconds": round(seconds, 2), "images_per_sec": round(progress["seen"] / seconds, 1)})
+                        "seconds": round(seconds, 4), "images_per_sec": round(progress["seen"] / seconds, 1)})
         if master:
             print(f"{name} epoch {epoch + 1}/{args.epochs}: train loss {metrics[-1]['train_loss']:.3f} "
                   f"acc {100 * metrics[-1]['train_acc']:.1f}% | val loss {val_loss:.3f} acc {100 * val_acc:.1f}% "

@@ -1,8 +1,8 @@
 """Accuracy benchmark: what each training-time budget (train.py --budget) buys on FER-2013. For every
 budget it trains the budget's members with train.py, one call per member (a member cut short is
 resumed, a finished one is kept), evaluates the finished ones with evaluate.py on validation (the PublicTest
-rows; checkpoints, ensemble weights and everything else are chosen there too) without TTA, with flip and
-with ten-crop (a report of the same members, newer than their checkpoints, is reused), and prints one
+rows; checkpoints, ensemble weights and everything else are chosen there too) without TTA, with flip,
+with ten-crop and with ten-crop plus the whole image (a report of the same members, newer than their checkpoints, is reused), and prints one
 table line per budget, naming any member still training.
 
     python benchmarks/accuracy.py --budgets 20min 90min 3h    # train what is missing, evaluate, print the table
@@ -27,7 +27,7 @@ from common import ROOT, machine, matmul_peak
 sys.path.insert(0, str(ROOT))
 from train import BUDGETS, parse_args  # noqa: E402  (after common puts the repository on the path)
 
-TTA_MODES = ["none", "flip", "tencrop"]
+TTA_MODES = ["none", "flip", "tencrop", "tencrop-full"]
 # Training multiply-adds per image: the forward pass plus a backward pass that costs about two of it
 # (gradients for the activations and for the weights; Kaplan et al. 2020, "Scaling laws", section 2.1).
 TRAINING_PASSES = 3
@@ -151,7 +151,8 @@ def line_order(key):
 def markdown_table(results, data):
     lines = [f"FER-2013 validation (PublicTest), `--data {data}`", "",
              "| budget | members (epochs) | train min | bf16 peak, G MAC/s | training multiply-adds | val acc | "
-             "flip TTA | ten-crop TTA |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "flip TTA | ten-crop TTA | ten-crop + whole TTA |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for key, r in results.items():
         members = ", ".join(f"{name} ({m['epochs']})" for name, m in r["members"].items())
         unfinished = [name for name in r.get("members_planned", []) if name not in r["members"]]
@@ -159,7 +160,8 @@ def markdown_table(results, data):
         peaks = "-".join(map(str, sorted({min(r["peaks"]), max(r["peaks"])}))) if r["peaks"] else "?"
         ensemble = r["accuracy"]["ensemble" if "ensemble" in r["accuracy"] else next(iter(r["members"]))]
         lines.append(f"| {key} | {members} | {r['train_minutes']:.0f} | {peaks} | {r['training_macs'] / 1e15:.2f} P | "
-                     + " | ".join(f"{100 * ensemble[tta]:.2f}%" for tta in TTA_MODES) + " |")
+                     + " | ".join(f"{100 * ensemble[tta]:.2f}%" if tta in ensemble else "?" for tta in TTA_MODES)
+                     + " |")
     lines += ["", "train min: each member's epochs times its median epoch's seconds (validation passes not "
               "included), added up; bf16 peak: the machine's bf16 matmul multiply-adds per second, measured "
               "before each train.py call (? where the run predates this benchmark); training multiply-adds: "

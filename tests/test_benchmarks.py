@@ -18,7 +18,7 @@ def test_a_budget_resolves_to_the_members_train_py_would_train():
 
 def test_summary_and_table_of_a_trained_budget(trained_runs):
     config = json.loads((trained_runs / "model_x" / "config.json").read_text())
-    figures = {"none": 0.5, "flip": 0.55, "tencrop": 0.6}
+    figures = {"none": 0.5, "flip": 0.55, "tencrop": 0.6, "tencrop-full": 0.62}
     result = accuracy.summarize(trained_runs, {"model_x": figures, "model_y": figures, "ensemble": figures})
     member = result["members"]["model_x"]
     images = 20 * 7  # synthetic:20 has 20 training images per class, one epoch
@@ -29,8 +29,11 @@ def test_summary_and_table_of_a_trained_budget(trained_runs):
     table = accuracy.markdown_table({"20min": result}, "DATA")
     line = next(row for row in table.splitlines() if row.startswith("| 20min |"))
     assert "model_x (1), model_y (1); still training: model_z" in line
-    assert line.endswith("| 50.00% | 55.00% | 60.00% |")
+    assert line.endswith("| 50.00% | 55.00% | 60.00% | 62.00% |")
     assert config["commands"][0] in table  # the command that trained each member
+    del figures["tencrop-full"]  # a line measured before that TTA mode existed
+    line = next(row for row in accuracy.markdown_table({"20min": result}, "DATA").splitlines() if "| 20min |" in row)
+    assert line.endswith("| 60.00% | ? |")
 
 
 def test_lines_measured_earlier_on_the_same_data_stay_in_the_table(tmp_path):

@@ -76,13 +76,23 @@ def test_evaluate_reuses_a_matching_ensemble(trained_runs, tmp_path, capsys):
     assert "fitted on" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("tta", ["flip", "tencrop"])
+@pytest.mark.parametrize("tta", ["flip", "tencrop", "tencrop-full"])
 def test_tta_probabilities_are_distributions(trained_runs, tta):
     model = inference.load_member(trained_runs / "model_y" / "best.pt").model
     images = torch.randint(0, 256, (9, 1, 48, 48), dtype=torch.uint8)
     probs = inference.predict_probs(model, images, tta)
     assert probs.shape == (9, 7)
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-4)
+
+
+def test_tencrop_full_views_are_the_ten_crops_then_the_whole_image_and_its_mirror():
+    images = torch.rand(2, 1, 48, 48)
+    crops, views = inference.tta_views(images, "tencrop"), inference.tta_views(images, "tencrop-full")
+    assert len(crops) == 10 and len(views) == 12
+    for crop, view in zip(crops, views):
+        torch.testing.assert_close(crop, view)
+    torch.testing.assert_close(views[10], images)
+    torch.testing.assert_close(views[11], images.flip(-1))
 
 
 def write_apollo_folder(root, per_class=4):

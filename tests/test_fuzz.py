@@ -337,7 +337,7 @@ def ensemble_records(draw):
         "weight": st.floats(0, 1e6) | st.integers(0, 10)}), min_size=1, max_size=3))
     if not any(member["weight"] > 0 for member in members):
         members[0]["weight"] = 1.0
-    return {"version": ensemble.VERSION, "tta": draw(st.sampled_from(["none", "flip", "tencrop"])),
+    return {"version": ensemble.VERSION, "tta": draw(st.sampled_from(ensemble.TTA_CHOICES)),
             "classes": draw(st.lists(st.text(max_size=10), min_size=1, max_size=8, unique=True)),
             "members": members, "method": "equal", "val_accuracy": draw(st.floats(0, 1))}
 
@@ -389,7 +389,7 @@ def valid_record(record):
     classes, members = record.get("classes"), record.get("members")
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         return False
-    if len(set(classes)) != len(classes) or record.get("tta") not in ("none", "flip", "tencrop"):
+    if len(set(classes)) != len(classes) or record.get("tta") not in ensemble.TTA_CHOICES:
         return False
     if not isinstance(members, list) or not members or not all(isinstance(m, dict) for m in members):
         return False
