@@ -58,9 +58,12 @@ def log(message):
 
 
 def member_name(path):
-    """A training run is named by its folder (runs/model_x/best.pt), a shipped file by its stem."""
+    """A training run is named by its folder (runs/model_x/best.pt), a snapshot by its folder and file
+    (model_x-snapshot_1), a shipped file by its stem."""
     path = Path(path)
-    return path.stem if path.suffix == ".safetensors" else path.parent.name
+    if path.suffix == ".safetensors":
+        return path.stem
+    return path.parent.name if path.stem in ("best", "last") else f"{path.parent.name}-{path.stem}"
 
 
 def unique_names(paths):

@@ -78,6 +78,10 @@ def build_parser():
                    help="how the learning rate falls: cosine (a cosine decay from the initial rate to the floor "
                         "over all epochs) or plateau (cut when validation loss stalls, the original project's "
                         "schedule)")
+    p.add_argument("--restarts", type=cli.positive(int), default=1,
+                   help="cosine schedule: this many equal cycles, each restarting at --lr (SGDR, Loshchilov & "
+                        "Hutter 2017); the weights at each cycle's end are saved as snapshot_<cycle>.pt, members "
+                        "for evaluate.py --checkpoints (a snapshot ensemble, Huang et al. 2017)")
     p.add_argument("--plateau-patience", type=int, default=3,
                    help="plateau schedule: epochs without validation-loss improvement before the learning rate is "
                         "cut, or, once it is at --min-lr, before training stops")
@@ -167,6 +171,11 @@ def build_optimizer(model, args):
 
 
 def build_scheduler(optimizer, args):
+    if args.schedule == "cosine" and args.restarts > 1:
+        if args.epochs % args.restarts:
+            raise cli.UsageError(f"--epochs {args.epochs} is not a multiple of --restarts {args.restarts}")
+        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+            optimizer, T_0=args.epochs // args.restarts, eta_min=args.min_lr)
     if args.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs, eta_min=args.min_lr)
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -357,6 +366,8 @@ def train_model(name, args, train, val, run_dir, checkpoint):
             progress["best_val_acc"] = ema_val_acc if ema else val_acc
             # before last.pt: a kill in between redoes this epoch identically
             save(run_dir / "best.pt", ema.module if ema else plain)
+        if args.restarts > 1 and (epoch + 1) % (args.epochs // args.restarts) == 0:
+            save(run_dir / f"snapshot_{(epoch + 1) * args.restarts // args.epochs}.pt", plain)
         save(run_dir / "last.pt", plain)
         if master:
             write_metrics(run_dir, metrics)

@@ -7,6 +7,7 @@ import torch
 from conftest import QUICK_TRAINING
 
 import cli
+import inference
 import models
 import resume
 import train
@@ -58,6 +59,21 @@ def test_short_training_beats_chance_clearly(tmp_path):
     assert best > 2 / 7, f"best validation accuracy {best:.3f} is not clearly above chance (1/7)"
     assert float(rows[0]["val_acc"]) < 0.9  # the task is not trivial
     assert (run_dir / "curves.png").stat().st_size > 5000
+
+
+def test_restarts_begin_each_cycle_at_the_initial_rate_and_save_its_snapshot(tmp_path):
+    run_dir = run(tmp_path, "--restarts", "2", epochs=4, models_=("model_y",))
+    with open(run_dir / "metrics.csv") as file:
+        rates = [float(r["lr"]) for r in csv.DictReader(file)]
+    assert rates[0] == rates[2] == 0.01 and rates[1] < rates[0]
+    snapshots = [run_dir / "snapshot_1.pt", run_dir / "snapshot_2.pt"]
+    assert torch.load(snapshots[0], weights_only=True)["progress"]["epoch"] == 2
+    assert inference.unique_names(snapshots) == ["model_y-snapshot_1", "model_y-snapshot_2"]
+
+
+def test_restarts_must_divide_the_epochs(tmp_path):
+    with pytest.raises(cli.UsageError, match="--epochs 3 is not a multiple of --restarts 2"):
+        run(tmp_path, "--restarts", "2", epochs=3, models_=("model_y",))
 
 
 def test_checkpoints_load_with_weights_only_and_hold_the_run(tmp_path):
