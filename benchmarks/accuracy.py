@@ -2,8 +2,8 @@
 budget it trains the budget's members with train.py, one call per member (a member cut short is
 resumed, a finished one is kept), evaluates the finished ones with evaluate.py on validation (the PublicTest
 rows; checkpoints, ensemble weights and everything else are chosen there too) without TTA, with flip,
-with ten-crop and with ten-crop plus the whole image (a report of the same members, newer than their checkpoints, is reused), and prints one
-table line per budget, naming any member still training.
+with ten-crop and with ten-crop plus the whole image (a report of the same members, newer than their
+checkpoints, is reused), and prints one table line per budget, naming any member still training.
 
     python benchmarks/accuracy.py --budgets 20min 90min 3h    # train what is missing, evaluate, print the table
     python benchmarks/accuracy.py --skip-training              # the table from the runs already trained
