@@ -11,9 +11,35 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-# The measured defaults (see README, "Accuracy"); train.py exposes each as a flag.
+import cli
+
+# The measured defaults (see README, "Accuracy"); add_flags makes each a train.py flag.
 DEFAULTS = dict(hflip=0.5, vflip=0.0, rotation=10.0, crop_scale=0.8, brightness=0.2, contrast=0.2,
                 erasing=0.25)
+
+
+def add_flags(p):
+    """train.py's augmentation flags on the parser `p`, defaulting to DEFAULTS."""
+    p.add_argument("--hflip", type=cli.probability, default=DEFAULTS["hflip"],
+                   help="horizontal flip probability")
+    p.add_argument("--vflip", type=cli.probability, default=DEFAULTS["vflip"],
+                   help="vertical flip probability (faces are never upside down)")
+    p.add_argument("--rotation", type=float, default=DEFAULTS["rotation"], help="maximum rotation, degrees")
+    p.add_argument("--crop-scale", type=cli.probability, default=DEFAULTS["crop_scale"],
+                   help="smallest area fraction of the random resized crop (1 = off)")
+    p.add_argument("--brightness", type=cli.probability, default=DEFAULTS["brightness"],
+                   help="maximum relative brightness change")
+    p.add_argument("--contrast", type=cli.probability, default=DEFAULTS["contrast"],
+                   help="maximum relative contrast change")
+    p.add_argument("--erasing", type=cli.probability, default=DEFAULTS["erasing"],
+                   help="random erasing probability")
+    p.add_argument("--mixup", type=cli.non_negative, default=0.0,
+                   help="MixUp's Beta(alpha, alpha) parameter on whole batches (0 = off)")
+    p.add_argument("--cutmix", type=cli.non_negative, default=0.0,
+                   help="CutMix's Beta(alpha, alpha) parameter on whole batches (0 = off; with --mixup, one of the "
+                        "two per batch)")
+    p.add_argument("--mix-prob", type=cli.probability, default=1.0,
+                   help="share of batches that --mixup/--cutmix mix")
 
 
 def uniform(low, high, size, generator, device):

@@ -19,6 +19,8 @@ from files import write_text_atomic
 
 # The test-time augmentations inference.tta_views knows; an ensemble.json records the one it was fitted with.
 TTA_CHOICES = ["none", "flip", "tencrop", "tencrop-full"]
+# evaluate.py's when --tta is unset: the best on validation for every budget's ensemble (docs/results.md).
+DEFAULT_TTA = "tencrop-full"
 
 VERSION = 2  # 2: member paths relative to the ensemble file's folder
 

@@ -40,7 +40,7 @@ def build_parser():
     p.add_argument("--tta", default=None, choices=TTA_CHOICES,
                    help="test-time augmentation: none, flip (mirror average), tencrop (corners+centre, mirrored; "
                         "ten forward passes per image), tencrop-full (those ten and the whole image, mirrored; "
-                        "twelve); unset: tencrop-full, or the shipped ensemble's own with --pretrained")
+                        f"twelve); unset: {ensemble.DEFAULT_TTA}, or the shipped ensemble's own with --pretrained")
     p.add_argument("--out", default="runs/evaluation", help="folder for report.json, report.md and the PNGs")
     p.add_argument("--ensemble", default=None,
                    help="ensemble.json to reuse when it matches the checkpoints; unset: OUT/ensemble.json")
@@ -171,7 +171,7 @@ def main(argv=None):
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
     members, shipped = chosen_members(args, device)
-    args.tta = args.tta or (shipped["tta"] if shipped else "tencrop-full")
+    args.tta = args.tta or (shipped["tta"] if shipped else ensemble.DEFAULT_TTA)
     names = unique_names([m.path for m in members])
     data_source = args.data or members[0].data
     if data_source is None:

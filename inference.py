@@ -58,19 +58,20 @@ def log(message):
 
 
 def member_name(path):
-    """A training run is named by its folder (runs/model_x/best.pt), a snapshot by its folder and file
-    (model_x-snapshot_1), a shipped file by its stem."""
+    """A checkpoint is named by its run's folder (runs/model_x/best.pt: model_x), a shipped file by its stem."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        return path.stem
-    return path.parent.name if path.stem in ("best", "last") else f"{path.parent.name}-{path.stem}"
+    return path.stem if path.suffix == ".safetensors" else path.parent.name
 
 
 def unique_names(paths):
-    """Member names for reports and exported files, with the parent folder added where two would clash."""
-    names = [member_name(p) for p in paths]
-    if len(set(names)) < len(names):
-        names = [f"{Path(p).parent.parent.name}-{n}" for p, n in zip(paths, names)]
+    """Member names for reports and exported files. Where two would clash, the file's stem is added (two
+    snapshots of one run: model_y-snapshot_1), or else the folder above the run's (fer7-model_y), or both."""
+    paths = [Path(p) for p in paths]
+    plain = [member_name(p) for p in paths]
+    with_stem = [f"{n}-{p.stem}" for p, n in zip(paths, plain)]
+    with_folder = [f"{p.parent.parent.name}-{n}" for p, n in zip(paths, plain)]
+    with_both = [f"{p.parent.parent.name}-{n}" for p, n in zip(paths, with_stem)]
+    names = next((names for names in (plain, with_stem, with_folder) if len(set(names)) == len(names)), with_both)
     return [safe_filename(n) for n in names]
 
 

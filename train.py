@@ -33,7 +33,6 @@ from models import MODELS, autocast, build_model, default_epochs, describe_model
 from resume import (given_flags, open_run, restore_rank_rng, resume_optimizer, resume_scheduler, resumed_config,
                     rng_state, saved_data_source, with_provenance)
 
-AUGMENT_FLAGS = list(augment.DEFAULTS)
 # Named sets of flag defaults, one per training-time budget on two CPU cores; a flag typed beside --budget
 # wins. docs/results.md gives what each bought, measured by benchmarks/accuracy.py.
 BUDGETS = {
@@ -90,26 +89,7 @@ def build_parser():
     p.add_argument("--min-lr", type=float, default=3e-4,
                    help="learning-rate floor; under --schedule plateau, training stops early once the rate is there "
                         "and validation loss has not improved for more than --plateau-patience epochs")
-    p.add_argument("--hflip", type=cli.probability, default=augment.DEFAULTS["hflip"],
-                   help="horizontal flip probability")
-    p.add_argument("--vflip", type=cli.probability, default=augment.DEFAULTS["vflip"],
-                   help="vertical flip probability (faces are never upside down)")
-    p.add_argument("--rotation", type=float, default=augment.DEFAULTS["rotation"], help="maximum rotation, degrees")
-    p.add_argument("--crop-scale", type=cli.probability, default=augment.DEFAULTS["crop_scale"],
-                   help="smallest area fraction of the random resized crop (1 = off)")
-    p.add_argument("--brightness", type=cli.probability, default=augment.DEFAULTS["brightness"],
-                   help="maximum relative brightness change")
-    p.add_argument("--contrast", type=cli.probability, default=augment.DEFAULTS["contrast"],
-                   help="maximum relative contrast change")
-    p.add_argument("--erasing", type=cli.probability, default=augment.DEFAULTS["erasing"],
-                   help="random erasing probability")
-    p.add_argument("--mixup", type=cli.non_negative, default=0.0,
-                   help="MixUp's Beta(alpha, alpha) parameter on whole batches (0 = off)")
-    p.add_argument("--cutmix", type=cli.non_negative, default=0.0,
-                   help="CutMix's Beta(alpha, alpha) parameter on whole batches (0 = off; with --mixup, one of the "
-                        "two per batch)")
-    p.add_argument("--mix-prob", type=cli.probability, default=1.0,
-                   help="share of batches that --mixup/--cutmix mix")
+    augment.add_flags(p)
     p.add_argument("--ema-decay", type=cli.probability, default=0.0,
                    help="keep an exponential moving average of the weights with this decay per step (0 = off); "
                         "when on, the average (batch-norm statistics re-measured) is validated and saved as best.pt")
@@ -282,7 +262,7 @@ def train_model(name, args, train, val, run_dir, checkpoint):
 
     images, labels = train.images.to(device), train.labels.to(device)
     val_images, val_labels = distributed.shard(val.images).to(device), distributed.shard(val.labels).to(device)
-    augmentation = {key: getattr(args, key) for key in AUGMENT_FLAGS}
+    augmentation = {key: getattr(args, key) for key in augment.DEFAULTS}
 
     def augmented(index):
         x = augment.augment_batch(images[index].float().div_(255), generator, **augmentation)
@@ -372,9 +352,7 @@ def train_model(name, args, train, val, run_dir, checkpoint):
         if master:
             write_metrics(run_dir, metrics)
             plot_curves(run_dir, metrics, name)
-    if metrics and master:
-        write_metrics(run_dir, metrics)
-        plot_curves(run_dir, metrics, name)
+    if metrics and master:  # metrics.csv and curves.png were written after the last epoch
         reason = progress["stopped"] or f"reached --epochs {args.epochs}"
         print(f"{name}: stopped after epoch {progress['epoch']} ({reason}); best validation accuracy "
               f"{100 * progress['best_val_acc']:.2f}%. Saved {run_dir}/best.pt, metrics.csv, curves.png")

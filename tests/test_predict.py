@@ -163,3 +163,13 @@ def test_an_opencv_without_haar_cascades_gets_a_usage_error_naming_the_fix(monke
     monkeypatch.delattr(inference.cv2, "CascadeClassifier")  # as in builds without object detection
     with pytest.raises(cli.UsageError, match=r"opencv-python-headless>=4.8,<5.*--no-detect"):
         inference.load_cascade()
+
+
+def test_member_names_widen_only_as_far_as_a_clash_needs():
+    assert inference.unique_names(["runs/model_x/best.pt", "weights/model_y.safetensors"]) == ["model_x", "model_y"]
+    snapshots = ["runs/model_y/snapshot_1.pt", "runs/model_y/snapshot_2.pt"]
+    assert inference.unique_names(snapshots) == ["model_y-snapshot_1", "model_y-snapshot_2"]
+    two_runs = ["runs/fer7/model_x/best.pt", "runs/fer6/model_x/best.pt"]
+    assert inference.unique_names(two_runs) == ["fer7-model_x", "fer6-model_x"]
+    assert inference.unique_names([*two_runs, "runs/fer7/model_x/last.pt"]) == \
+        ["fer7-model_x-best", "fer6-model_x-best", "fer7-model_x-last"]
