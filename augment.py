@@ -42,6 +42,11 @@ def add_flags(p):
                    help="share of batches that --mixup/--cutmix mix")
 
 
+def settings(args):
+    """augment_batch's keyword arguments from parsed flags (or a run's saved config)."""
+    return {key: getattr(args, key) for key in DEFAULTS}
+
+
 def uniform(low, high, size, generator, device):
     return low + (high - low) * torch.rand(size, generator=generator, device=device)
 

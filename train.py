@@ -262,7 +262,7 @@ def train_model(name, args, train, val, run_dir, checkpoint):
 
     images, labels = train.images.to(device), train.labels.to(device)
     val_images, val_labels = distributed.shard(val.images).to(device), distributed.shard(val.labels).to(device)
-    augmentation = {key: getattr(args, key) for key in augment.DEFAULTS}
+    augmentation = augment.settings(args)
 
     def augmented(index):
         x = augment.augment_batch(images[index].float().div_(255), generator, **augmentation)

@@ -106,7 +106,7 @@ def ours(name, split, device, precision, memory_format=torch.channels_last):
     trained = trainer(name, len(split.classes), device, precision, memory_format)
     images, labels = split.images.to(device), split.labels.to(device)
     generator = torch.Generator(device).manual_seed(TRAIN.seed)
-    augmentation = {key: getattr(TRAIN, key) for key in augment.DEFAULTS}
+    augmentation = augment.settings(TRAIN)
     per_epoch = len(labels) // TRAIN.batch_size  # full batches only, so every timed batch is the same size
     state = {"batch": 0, "order": None}
 
