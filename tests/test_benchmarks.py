@@ -1,14 +1,18 @@
 """benchmarks/accuracy.py's bookkeeping: a budget's members, minutes, multiply-adds and table line,
-on tiny trained runs (the benchmark itself trains for hours and is never run by a test)."""
+on tiny trained runs (the benchmark itself trains for hours and is never run by a test); and
+benchmarks/ensemble_pool.py's scoring of combinations."""
+import argparse
 import json
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import accuracy  # noqa: E402  (after the benchmarks folder is on the path)
+import ensemble_pool  # noqa: E402
 
 
 def test_a_budget_resolves_to_the_members_train_py_would_train():
@@ -47,3 +51,18 @@ def test_lines_measured_earlier_on_the_same_data_stay_in_the_table(tmp_path):
 def test_table_lines_follow_the_budgets_each_with_its_ablations():
     keys = ["3h-z80", "20min-z24", "3h", "20min", "90min"]
     assert sorted(keys, key=accuracy.line_order) == ["20min", "20min-z24", "90min", "3h", "3h-z80"]
+
+
+def test_pool_scores_both_means_with_equal_weights():
+    # One image of class 1: member a is sure it is class 0, member b rules class 0 out. The mean of probabilities
+    # follows a's confidence; the mean of log-probabilities lets b's veto win.
+    a, b = np.array([[0.9, 0.1, 0.0]]), np.array([[0.001, 0.5, 0.499]])
+    scores = ensemble_pool.score_combination([a, b], np.array([1]))
+    assert scores == {"members_mean": 50.0, "probability_mean": 0.0, "log_probability_mean": 100.0}
+
+
+def test_pool_members_are_named_checkpoints():
+    assert ensemble_pool.named_path("x=runs/a/best.pt") == ("x", "runs/a/best.pt")
+    for bad in ["runs/a/best.pt", "=runs/a/best.pt", "x="]:
+        with pytest.raises(argparse.ArgumentTypeError):
+            ensemble_pool.named_path(bad)
