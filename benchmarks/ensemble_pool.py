@@ -29,7 +29,7 @@ def named_path(text):
 
 def member_probabilities(members, data_dir, tta, precision):
     """Validation labels and each named member's probabilities [N, C]."""
-    val = data.load_train_val(data_dir)[1]
+    val = data.load_split(data_dir, "val")  # the training split is never needed here
     probs, labels = {}, None
     for name, path in members.items():
         member = load_member(path)
