@@ -11,6 +11,7 @@ import os
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision.ops import StochasticDepth
 
 # Every architecture by name, in registration order: (function(num_classes) -> network, default --epochs).
 MODELS = {}
@@ -66,29 +67,37 @@ def model_x(num_classes, width=32, dropout=0.1):
 
 class ResidualBlock(nn.Module):
     """Two 3x3 conv-BN layers added to a shortcut (1x1-projected where the width changes), then ReLU:
-    a ResNet basic block."""
+    a ResNet basic block. In training, `drop_path` is the chance that an image skips the two convs and
+    takes the shortcut alone (stochastic depth, Huang et al. 2016); it holds no weights, so checkpoints
+    load whatever it was."""
 
-    def __init__(self, in_channels, out_channels):
+    def __init__(self, in_channels, out_channels, drop_path=0.0):
         super().__init__()
         self.body = nn.Sequential(*conv_bn_relu(in_channels, out_channels), *conv_bn(out_channels, out_channels))
         self.shortcut = (nn.Sequential(*conv_bn(in_channels, out_channels, kernel_size=1))
                          if in_channels != out_channels else nn.Identity())
+        self.drop_path = StochasticDepth(drop_path, mode="row")
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x):
-        return self.relu(self.body(x) + self.shortcut(x))
+        return self.relu(self.drop_path(self.body(x)) + self.shortcut(x))
 
 
-def residual_network(num_classes, width, dropout, blocks):
+def residual_network(num_classes, width, dropout, blocks, drop_path=0.0):
     """A 5x5 stem and max-pooling (48->24), then three stages of residual blocks, `blocks[i]` in stage i,
     at widths 2, 4 and 8 times `width` (24->12->6 with max-pooling between), global average pooling, dropout
-    and a linear classifier."""
+    and a linear classifier. The blocks' stochastic-depth rates rise linearly to `drop_path` at the last
+    one, the rule of Huang et al. 2016. The registered models leave it off: it made model_z better alone
+    but a worse ensemble member, and model_y worse alone (docs/results.md, ablations)."""
     layers, in_channels = [*conv_bn_relu(1, width, kernel_size=5), nn.MaxPool2d(2)], width
+    total, index = sum(blocks), 0
     for stage, count in enumerate(blocks):
         out_channels = width * 2 ** (stage + 1)
         layers += [nn.MaxPool2d(2)] if stage else []
-        layers += [ResidualBlock(in_channels if block == 0 else out_channels, out_channels) for block in range(count)]
-        in_channels = out_channels
+        for block in range(count):
+            index += 1
+            layers.append(ResidualBlock(in_channels, out_channels, drop_path * index / total))
+            in_channels = out_channels
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
                          nn.Linear(in_channels, num_classes))
 

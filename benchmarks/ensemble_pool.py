@@ -17,7 +17,7 @@ from common import ROOT, machine, publish
 
 import data  # noqa: E402  (common puts the repository on the path)
 from ensemble import DEFAULT_TTA, TTA_CHOICES, accuracy, weighted_average  # noqa: E402
-from inference import align_classes, load_member, predict_probs  # noqa: E402
+from inference import align_classes, common_classes, load_member, predict_probs  # noqa: E402
 
 
 def named_path(text):
@@ -29,13 +29,13 @@ def named_path(text):
 
 def member_probabilities(members, data_dir, tta, precision):
     """Validation labels and each named member's probabilities [N, C]."""
+    loaded = {name: load_member(path) for name, path in members.items()}
     val = data.load_split(data_dir, "val")  # the training split is never needed here
-    probs, labels = {}, None
-    for name, path in members.items():
-        member = load_member(path)
-        images, labels, _ = align_classes(val, member.classes)
+    images, labels, _ = align_classes(val, common_classes(list(loaded.values())))
+    probs = {}
+    for name, member in loaded.items():
         probs[name] = predict_probs(member.model, images, tta, precision=precision)
-        print(f"{name}: {100 * accuracy(probs[name], labels):.2f}% alone ({path})", flush=True)
+        print(f"{name}: {100 * accuracy(probs[name], labels):.2f}% alone ({member.path})", flush=True)
     return probs, labels
 
 

@@ -26,6 +26,18 @@ def test_model_y_is_cheaper_than_model_x():
     assert y["macs"] < x["macs"]
 
 
+def test_stochastic_depth_skips_blocks_only_in_training_and_holds_no_weights():
+    torch.manual_seed(0)
+    plain, dropping = (models.residual_network(7, 8, 0.0, blocks=(1, 1, 1), drop_path=p) for p in (0.0, 1.0))
+    assert plain.state_dict().keys() == dropping.state_dict().keys()
+    dropping.load_state_dict(plain.state_dict())
+    images = torch.rand(4, 1, 48, 48)
+    assert torch.equal(plain.eval()(images), dropping.eval()(images))
+    block = dropping[8]  # the last residual block, whose rate is drop_path itself
+    x = torch.rand(4, 32, 6, 6)
+    assert torch.equal(block.train()(x), torch.relu(block.shortcut(x)))
+
+
 def test_unknown_model_lists_known_ones():
     with pytest.raises(ValueError, match="known models: model_x, model_y"):
         models.build_model("resnet", 7)
