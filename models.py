@@ -90,13 +90,12 @@ def residual_network(num_classes, width, dropout, blocks, drop_path=0.0):
     one, the rule of Huang et al. 2016. The registered models leave it off: it made model_z better alone
     but a worse ensemble member, and model_y worse alone (docs/results.md, ablations)."""
     layers, in_channels = [*conv_bn_relu(1, width, kernel_size=5), nn.MaxPool2d(2)], width
-    total, index = sum(blocks), 0
+    rates = iter(drop_path * (i + 1) / sum(blocks) for i in range(sum(blocks)))
     for stage, count in enumerate(blocks):
         out_channels = width * 2 ** (stage + 1)
         layers += [nn.MaxPool2d(2)] if stage else []
-        for block in range(count):
-            index += 1
-            layers.append(ResidualBlock(in_channels, out_channels, drop_path * index / total))
+        for _ in range(count):
+            layers.append(ResidualBlock(in_channels, out_channels, next(rates)))
             in_channels = out_channels
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
                          nn.Linear(in_channels, num_classes))
