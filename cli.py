@@ -57,7 +57,8 @@ def add_device_flags(parser, batch_size, batch_help):
     """--device, --precision, --threads and --batch-size, declared once for every script."""
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="auto: bf16 autocast on CPU and recent GPUs, fp16 on older GPUs, fp32 elsewhere")
+                        help="auto: bf16 autocast on CPUs with native bf16 (AVX-512, AMX) and on recent GPUs, fp16 on older "
+                             "GPUs, fp32 elsewhere (on other CPUs bf16 is many times slower than fp32)")
     parser.add_argument("--threads", type=positive(int), default=default_threads(),
                         help="CPU threads; on a busy machine 1 is often faster for a few images")
     parser.add_argument("--batch-size", type=positive(int), default=batch_size, help=batch_help)

@@ -171,13 +171,22 @@ def pick_device(name="auto"):
     return torch.device("cpu")
 
 
+def cpu_runs_bf16_natively():
+    """Whether oneDNN has bf16 kernels for this CPU (AVX-512 or AMX). Without them bf16 autocast falls
+    back to slow generic code, many times slower than fp32 (docs/results.md, "Precision on CPUs without
+    bf16"). The check is PyTorch's own private one; where a release drops it, fp32 is the safe answer."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check and check())
+
+
 def resolve_precision(precision, device):
-    """`auto` is bf16 on CPU (where it trains faster than fp32: benchmarks/speed.py measures by how much)
-    and on CUDA GPUs that support it, fp16 on older CUDA GPUs, and fp32 elsewhere."""
+    """`auto` is bf16 on CPUs with native bf16 kernels (where it trains faster than fp32:
+    benchmarks/speed.py --precision measures by how much) and on CUDA GPUs that support it, fp16 on older
+    CUDA GPUs, and fp32 elsewhere, other CPUs included."""
     if precision != "auto":
         return precision
     if device.type == "cpu":
-        return "bf16"
+        return "bf16" if cpu_runs_bf16_natively() else "fp32"
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"

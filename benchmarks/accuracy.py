@@ -10,8 +10,8 @@ checkpoints, is reused), and prints one table line per budget, naming any member
     python benchmarks/accuracy.py --budgets 20min --label mix -- --mixup 0.2 --cutmix 1   # an ablation line
 
 Runs go to --out/<budget>[-<label>]/; the table to --out/accuracy.md and accuracy.json. Each train.py
-call is timed with the machine's bf16 matmul peak measured just before it, because the same machine
-differs in speed from day to day.
+call is timed with the machine's matmul peak (in the precision train.py trains in there) measured just
+before it, because the same machine differs in speed from day to day.
 """
 import argparse
 import csv
@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, machine, matmul_peak
+from common import CPU_PRECISION, ROOT, machine, matmul_peak, peak_text
 
 sys.path.insert(0, str(ROOT))
 from ensemble import TTA_CHOICES  # noqa: E402  (after common puts the repository on the path)
@@ -71,7 +71,7 @@ def train_member(name, budget, out, args):
     if finished(run_dir):
         return
     resume = ["--resume"] if (run_dir / "last.pt").exists() else []
-    peak = round(matmul_peak() / 1e9)
+    peak = {"matmul_peak_gmacs": round(matmul_peak() / 1e9), "matmul_precision": CPU_PRECISION}
     started, completed = time.perf_counter(), False
     try:
         run(["train.py", "--budget", budget, "--models", name, "--data", args.data, "--out", out, *resume,
@@ -79,10 +79,28 @@ def train_member(name, budget, out, args):
         completed = True
     finally:  # an interrupted call is recorded too: its time counts, and the next call resumes it
         calls = recorded_calls(run_dir)
-        calls.append({"seconds": time.perf_counter() - started, "bf16_matmul_peak_gmacs": peak,
-                      "resumed": bool(resume), "completed": completed})
+        calls.append({"seconds": time.perf_counter() - started, **peak, "resumed": bool(resume),
+                      "completed": completed})
         if run_dir.exists():
             (run_dir / "calls.json").write_text(json.dumps(calls, indent=2))
+
+
+def recorded_peak(call):
+    """(precision, G MAC/s) of a train.py call; calls recorded before the precision was, were all bf16."""
+    if "matmul_peak_gmacs" in call:
+        return call["matmul_precision"], call["matmul_peak_gmacs"]
+    return "bf16", call["bf16_matmul_peak_gmacs"]
+
+
+def peak_ranges(peaks):
+    """'330-334 bf16' (one range per precision) from [(precision, G MAC/s)]; bare numbers are bf16, as
+    accuracy.json recorded them before the precision; ? for none."""
+    by_precision = {}
+    for peak in peaks:
+        precision, value = peak if isinstance(peak, (list, tuple)) else ("bf16", peak)
+        by_precision.setdefault(precision, []).append(value)
+    return "; ".join("-".join(map(str, sorted({min(v), max(v)}))) + f" {precision}"
+                     for precision, v in sorted(by_precision.items())) or "?"
 
 
 def member_summary(run_dir):
@@ -94,7 +112,7 @@ def member_summary(run_dir):
     seconds = [float(r["seconds"]) for r in rows]
     commands = config.get("commands", ["(not recorded: the run predates train.py recording it)"])
     return {"epochs": len(rows), "train_minutes": len(rows) * statistics.median(seconds) / 60,
-            "peaks": sorted({c["bf16_matmul_peak_gmacs"] for c in recorded_calls(run_dir)}),
+            "peaks": sorted({recorded_peak(c) for c in recorded_calls(run_dir)}),
             "training_macs": TRAINING_PASSES * config["size"]["macs"] * images,
             "commands": list(dict.fromkeys(commands))}  # a run resumed twice the same way: its command once
 
@@ -128,7 +146,7 @@ def summarize(out, accuracy):
     members = {name: member_summary(out / name) for name in accuracy if (out / name / "config.json").exists()}
     return {"members": members, "accuracy": accuracy,
             "train_minutes": sum(m["train_minutes"] for m in members.values()),
-            "peaks": sorted({p for m in members.values() for p in m["peaks"]}),
+            "peaks": sorted({tuple(p) for m in members.values() for p in m["peaks"]}),
             "training_macs": sum(m["training_macs"] for m in members.values())}
 
 
@@ -150,21 +168,22 @@ def line_order(key):
 
 def markdown_table(results, data):
     lines = [f"FER-2013 validation (PublicTest), `--data {data}`", "",
-             "| budget | members (epochs) | train min | bf16 peak, G MAC/s | training multiply-adds | val acc | "
+             "| budget | members (epochs) | train min | matmul peak, G MAC/s | training multiply-adds | val acc | "
              "flip TTA | ten-crop TTA | ten-crop + whole TTA |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for key, r in results.items():
         members = ", ".join(f"{name} ({m['epochs']})" for name, m in r["members"].items())
         unfinished = [name for name in r.get("members_planned", []) if name not in r["members"]]
         members += f"; still training: {', '.join(unfinished)}" if unfinished else ""
-        peaks = "-".join(map(str, sorted({min(r["peaks"]), max(r["peaks"])}))) if r["peaks"] else "?"
+        peaks = peak_ranges(r["peaks"])
         ensemble = r["accuracy"]["ensemble" if "ensemble" in r["accuracy"] else next(iter(r["members"]))]
         lines.append(f"| {key} | {members} | {r['train_minutes']:.0f} | {peaks} | {r['training_macs'] / 1e15:.2f} P | "
                      + " | ".join(f"{100 * ensemble[tta]:.2f}%" if tta in ensemble else "?" for tta in TTA_CHOICES)
                      + " |")
     lines += ["", "train min: each member's epochs times its median epoch's seconds (validation passes not "
-              "included), added up; bf16 peak: the machine's bf16 matmul multiply-adds per second, measured "
-              "before each train.py call (? where the run predates this benchmark); training multiply-adds: "
+              "included), added up; matmul peak: the machine's matmul multiply-adds per second in the precision "
+              "train.py trained in (bf16 where the CPU has native bf16 kernels, else fp32), measured before "
+              "each train.py call (? where the run predates this benchmark); training multiply-adds: "
               f"{TRAINING_PASSES} x forward multiply-adds x training images seen. Accuracy: the ensemble of "
               "the members (the member itself for one), its weights fitted on validation.", "", "Commands:"]
     for key, r in results.items():
@@ -205,7 +224,7 @@ def main():
     m = machine()
     table = markdown_table(results, args.data)
     print(f"\n{table}\n\nevaluated on {m['processor']}, {m['usable_cpus']} CPU cores, torch {m['torch']}, "
-          f"bf16 matmul peak now {m['bf16_matmul_peak_gmacs']} G MAC/s")
+          f"{peak_text(m)} now")
     (root / "accuracy.json").write_text(json.dumps({"budgets": results, "machine": m, "data": args.data}, indent=2))
     (root / "accuracy.md").write_text(table + "\n")
     print(f"wrote {root}/accuracy.json and accuracy.md")

@@ -12,15 +12,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the benchmarks import the repository's modules
 
 from files import write_text_atomic  # noqa: E402  (after the repository is on the path)
-from models import autocast, default_threads  # noqa: E402
+from models import autocast, default_threads, resolve_precision  # noqa: E402
 
 MATMUL_SIZE = 4096  # large enough that the matmul runs at the machine's compute peak, not memory speed
+CPU_PRECISION = resolve_precision("auto", torch.device("cpu"))  # what train.py trains in on this CPU
 
 
-def matmul_peak(device=torch.device("cpu"), precision="bf16", repeats=5, size=MATMUL_SIZE):
-    """Multiply-adds per second of a large matmul under autocast: the machine's reachable peak, printed
-    beside every time because machines of the same name differ in speed from day to day. The fastest of
-    `repeats`, since contention from other work only ever slows it down."""
+def matmul_peak(device=torch.device("cpu"), precision="auto", repeats=5, size=MATMUL_SIZE):
+    """Multiply-adds per second of a large matmul under autocast (`auto`: the precision train.py would
+    use on `device`): the machine's reachable peak, printed beside every time because machines of the
+    same name differ in speed from day to day. The fastest of `repeats`, since contention from other
+    work only ever slows it down."""
+    precision = resolve_precision(precision, device)
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
 
     def multiply():
@@ -40,7 +43,14 @@ def machine():
         pass
     return {"processor": name, "cpu_count": os.cpu_count(), "usable_cpus": default_threads(),
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "bf16_matmul_peak_gmacs": round(matmul_peak() / 1e9)}
+            "matmul_precision": CPU_PRECISION,
+            "matmul_peak_gmacs": round(matmul_peak() / 1e9)}
+
+
+def peak_text(machine_record):
+    """'bf16 matmul peak 330 G multiply-adds/s' for a machine() record."""
+    return (f"{machine_record['matmul_precision']} matmul peak {machine_record['matmul_peak_gmacs']} "
+            "G multiply-adds/s")
 
 
 def timings(function, repeats, warm=1):

@@ -12,12 +12,15 @@ them. Validation only (the PublicTest rows): the test split is never read.
 import argparse
 
 import numpy as np
+import torch
 
 from common import ROOT, machine, publish
 
 import data  # noqa: E402  (common puts the repository on the path)
+from cli import PRECISIONS  # noqa: E402
 from ensemble import DEFAULT_TTA, TTA_CHOICES, accuracy, weighted_average  # noqa: E402
 from inference import align_classes, common_classes, load_member, predict_probs  # noqa: E402
+from models import resolve_precision  # noqa: E402
 
 
 def named_path(text):
@@ -59,14 +62,16 @@ def main():
     parser.add_argument("--combos", nargs="+", required=True,
                         help="combinations to score, member names joined by +, e.g. x+y+z")
     parser.add_argument("--tta", choices=TTA_CHOICES, default=DEFAULT_TTA, help="test-time augmentation")
-    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast precision")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="autocast precision, as evaluate.py's --precision")
     parser.add_argument("--out", default="runs/benchmarks/ensemble_pool.json", help="JSON results file")
     args = parser.parse_args()
     members = dict(args.members)
     unknown = sorted({name for combo in args.combos for name in combo.split("+")} - set(members))
     if unknown:
         parser.error(f"--combos name members not in --members: {', '.join(unknown)}")
-    probs, labels = member_probabilities(members, args.data, args.tta, args.precision)
+    probs, labels = member_probabilities(members, args.data, args.tta,
+                                         resolve_precision(args.precision, torch.device("cpu")))
     scores = {combo: score_combination([probs[name] for name in combo.split("+")], labels) for combo in args.combos}
     lines = [f"FER-2013 validation, {len(labels)} images, --tta {args.tta}, equal weights", "",
              "| members | members' mean | mean of probabilities | mean of log-probabilities |",

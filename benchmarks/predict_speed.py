@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import machine, publish, timings
+from common import machine, peak_text, publish, timings
 
 import cli  # noqa: E402  (common put the repository on the path)
 import inference  # noqa: E402
@@ -143,7 +143,7 @@ def backend_table(result):
 def markdown(result):
     r, m = result["figures"], result["machine"]
     return "\n".join([
-        f"**Prediction speed**: {m['processor']} (bf16 matmul peak {m['bf16_matmul_peak_gmacs']} G multiply-adds/s), "
+        f"**Prediction speed**: {m['processor']} ({peak_text(m)}), "
         f"{result['threads']} thread(s) of {m['cpu_count']} CPUs, "
         f"torch {m['torch']}, device {result['device']}, precision {result['precision']}, "
         f"{len(result['models'])} model(s), TTA {result['tta']}", "",
@@ -246,7 +246,7 @@ def video_markdown(result):
     r, m = result["figures"], result["machine"]
     rows = [f"| {VIDEO_STAGES[stage]} | {r[stage + '_ms']:.2f} |" for stage in VIDEO_STAGES]
     return "\n".join([
-        f"**Video pipeline**: {m['processor']} (bf16 matmul peak {m['bf16_matmul_peak_gmacs']} G multiply-adds/s), "
+        f"**Video pipeline**: {m['processor']} ({peak_text(m)}), "
         f"{result['threads']} thread(s) of {m['cpu_count']} CPUs, "
         f"torch {m['torch']}, device {result['device']}, precision {result['precision']}, "
         f"{len(result['models'])} model(s), TTA {result['tta']}; a {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} clip of "

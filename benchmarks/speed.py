@@ -55,6 +55,11 @@ def build_parser():
                         "if it exists, else synthetic JPEGs written to a temporary folder")
     p.add_argument("--out", default="runs/benchmarks/speed.json", help="JSON file for the figures")
     p.add_argument("--threads", type=cli.positive(int), default=TRAIN.threads, help="CPU threads")
+    p.add_argument("--precision", default=TRAIN.precision, choices=cli.PRECISIONS,
+                   help="our pipeline's autocast precision, as train.py's --precision (the fp32 row is always "
+                        "measured too); bf16 on a CPU without native bf16 shows why auto avoids it there")
+    p.add_argument("--matmul-size", type=cli.positive(int), default=MATMUL_SIZE,
+                   help="side of the square matmul that measures the peak; smaller where it is slow (emulated bf16)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run of about a minute: 2 windows of 2 batches, fewer repeats "
                         "(overrides --windows and --window-batches)")
@@ -233,7 +238,7 @@ def markdown(result):
         row("evaluation images/s (predict_probs, tta none)", "eval_images_per_s", ".0f"),
         row(f"evaluating the {s['val_images']}-image val split, s", "eval_val_s", ".2f"),
         row(f"single-image latency, ms (median of {s['latency_repeats']})", "latency_ms", ".2f"), "",
-        f"Matmul peak: {result['matmul_peak_gmacs']:.0f} G multiply-adds/s ({s['precision']}). Training split "
+        f"Matmul peak: {result['matmul_peak_gmacs']:.3g} G multiply-adds/s ({s['precision']}). Training split "
         f"load via data.load_split: {load['cached_s']:.2f} s cached (first call {load['first_s']:.2f} s). "
         f"Peak resident memory of the main process: {max(memory.values()):.0f} MB ({memory['imports']:.0f} MB "
         "of it from importing the libraries)."])
@@ -247,7 +252,7 @@ def main(argv=None):
     eval_repeats, latency_repeats, matmul_repeats = (1, 10, 3) if args.quick else (3, 50, 10)
     torch.set_num_threads(args.threads)
     device = pick_device(TRAIN.device)
-    precision = resolve_precision(TRAIN.precision, device)
+    precision = resolve_precision(args.precision, device)
     choice = args.data or (str(SHARED_DATA) if (SHARED_DATA / "train").is_dir() else "synthetic")
     if choice != "synthetic" and not Path(choice).is_dir():  # ImageFolder needs image files, not a CSV
         sys.exit(f"error: --data {choice}: expected a folder of class folders of images, or 'synthetic'")
@@ -258,21 +263,21 @@ def main(argv=None):
             sys.exit(f"error: {error}")
         memory["load"] = peak_rss_mb()
         print(f"data {choice}: {len(train_split.labels)} train, {len(val.labels)} val images; {device}, {precision}")
-        peak = matmul_peak(device, precision, matmul_repeats)
+        peak = matmul_peak(device, precision, matmul_repeats, args.matmul_size)
         memory["matmul"] = peak_rss_mb()
         figures = {}
         for name in args.models:
             figures[name] = measure_model(name, train_split, val, train_folder, device, precision, args,
                                           (eval_repeats, latency_repeats))
             memory[name] = peak_rss_mb()
-        peak = max(peak, matmul_peak(device, precision, matmul_repeats))  # before and after: less at the mercy of load
+        peak = max(peak, matmul_peak(device, precision, matmul_repeats, args.matmul_size))  # before and after: less at the mercy of load
         for figure in figures.values():
             figure["fraction_of_peak"] = figure["step_gmacs"] * 1e9 / peak
     result = {"machine": machine(), "settings": {
         "threads": args.threads, "device": str(device), "precision": precision, "data": choice,
         "train_images": len(train_split.labels), "val_images": len(val.labels), "batch_size": TRAIN.batch_size,
         "windows": args.windows, "window_batches": args.window_batches, "warm_steps_per_window": WARM_STEPS,
-        "latency_repeats": latency_repeats, "matmul_size": MATMUL_SIZE, "quick": args.quick},
+        "latency_repeats": latency_repeats, "matmul_size": args.matmul_size, "quick": args.quick},
         "matmul_peak_gmacs": peak / 1e9, "load": load, "peak_rss_mb_after": memory, "models": figures}
     return publish(result, markdown(result), args.out)
 

@@ -40,6 +40,14 @@ def test_summary_and_table_of_a_trained_budget(trained_runs):
     assert line.endswith("| 60.00% | ? |")
 
 
+def test_peaks_are_shown_per_precision_and_old_records_count_as_bf16():
+    old_call, new_call = {"bf16_matmul_peak_gmacs": 330}, {"matmul_peak_gmacs": 41, "matmul_precision": "fp32"}
+    assert accuracy.recorded_peak(old_call) == ("bf16", 330) and accuracy.recorded_peak(new_call) == ("fp32", 41)
+    assert accuracy.peak_ranges([("bf16", 334), ("bf16", 330)]) == "330-334 bf16"
+    assert accuracy.peak_ranges([330, ["fp32", 41], ["fp32", 41]]) == "330 bf16; 41 fp32"  # as accuracy.json holds them
+    assert accuracy.peak_ranges([]) == "?"
+
+
 def test_lines_measured_earlier_on_the_same_data_stay_in_the_table(tmp_path):
     path = tmp_path / "accuracy.json"
     path.write_text(json.dumps({"data": "DATA", "budgets": {"20min": {"train_minutes": 19}}}))

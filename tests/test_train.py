@@ -38,6 +38,14 @@ def test_stochastic_depth_skips_blocks_only_in_training_and_holds_no_weights():
     assert torch.equal(block.train()(x), torch.relu(block.shortcut(x)))
 
 
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_takes_bf16_only_on_cpus_with_native_bf16_kernels(monkeypatch, native, expected):
+    monkeypatch.setattr(models, "cpu_runs_bf16_natively", lambda: native)
+    cpu = torch.device("cpu")
+    assert models.resolve_precision("auto", cpu) == expected
+    assert models.resolve_precision("bf16", cpu) == "bf16" and models.resolve_precision("fp32", cpu) == "fp32"
+
+
 def test_unknown_model_lists_known_ones():
     with pytest.raises(ValueError, match="known models: model_x, model_y"):
         models.build_model("resnet", 7)
