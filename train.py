@@ -26,6 +26,7 @@ import augment
 import averaging
 import cli
 import data
+import distill
 import distributed
 from files import write_atomic, write_text_atomic
 from history import plot_curves, write_metrics
@@ -90,6 +91,7 @@ def build_parser():
                    help="learning-rate floor; under --schedule plateau, training stops early once the rate is there "
                         "and validation loss has not improved for more than --plateau-patience epochs")
     augment.add_flags(p)
+    distill.add_flags(p)
     p.add_argument("--ema-decay", type=cli.probability, default=0.0,
                    help="keep an exponential moving average of the weights with this decay per step (0 = off); "
                         "when on, the average (batch-norm statistics re-measured) is validated and saved as best.pt")
@@ -164,7 +166,7 @@ def build_scheduler(optimizer, args):
 
 def train_step(model, optimizer, scaler, x, y, device, precision, label_smoothing, batch_images=None, stop=False):
     """One SGD step on this process's part (x, y) of a batch of `batch_images` images (default: all of
-    it; y: class indices, or class probabilities from mixup or CutMix, whose largest counts as the
+    it; y: class indices, or class probabilities from mixup, CutMix or distillation, whose largest counts as the
     label): (mean loss, correct predictions, images) over the whole batch, and whether any process was
     asked to `stop`. A loss that is not finite is returned before any weight changes, on every
     process alike, so the caller can stop with the last good weights intact."""
@@ -249,6 +251,7 @@ def train_model(name, args, train, val, run_dir, checkpoint):
     if ema and checkpoint and checkpoint.get("ema"):  # a run resumed with --ema-decay starts its average then
         ema.load_state_dict(checkpoint["ema"])
     mix = augment.batch_mixer(args.mixup, args.cutmix, args.mix_prob, len(train.classes))
+    teacher = distill.teacher_probabilities(args.teacher, train, args.teacher_tta, device, precision)
 
     def save(path, weights):
         rngs = distributed.gather(rng_state(device, generator))  # every process takes part; rank 0 writes
@@ -287,6 +290,8 @@ def train_model(name, args, train, val, run_dir, checkpoint):
             x, y = augmented(index), labels[index]
             if mix:
                 x, y = mix(x, y)
+            if teacher is not None:
+                y = distill.soft_targets(y, teacher[index], args.distill_weight)
             loss_value, correct, seen, stop = train_step(model, optimizer, scaler, x, y, device, precision,
                                                          args.label_smoothing, len(whole), stop_requested.is_set())
             if ema:
@@ -373,6 +378,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     parser, args = parse_args(argv)
+    distill.check_flags(args)
     # Every model trains on the data loaded below (a resumed run's own unless --data is given): it counts as given.
     given = given_flags(parser, argv) | {"data"}
     invocation = shlex.join(["python", "train.py", *(sys.argv[1:] if argv is None else argv)])
