@@ -1,6 +1,7 @@
 """Ensembles drawn from a pool of trained members: how much each combination gains over its members, with
 their probabilities averaged (evaluate.py's ensemble) and with their log-probabilities averaged (a
-geometric mean), both with equal weights so that no fitting on validation flatters one combination.
+geometric mean), both with equal weights so that no fitting on validation flatters one combination; and
+how often its members disagree, and how often at least one of them is right, which bound what it can gain.
 
     python benchmarks/ensemble_pool.py --data ../shared/data/fer2013 \
         --members x=runs/budgets/3h/model_x/best.pt y=runs/budgets/3h/model_y/best.pt z=runs/budgets/3h/model_z/best.pt \
@@ -43,10 +44,14 @@ def member_probabilities(members, data_dir, tta, precision):
 
 
 def score_combination(member_probs, labels):
-    """Mean member accuracy and the equal-weight ensembles' accuracies, in percent."""
+    """In percent: the members' mean accuracy; the images that at least one member gets right, and those on which
+    the members' answers differ (an ensemble can gain only there); the equal-weight ensembles' accuracies."""
     stacked = np.stack(member_probs)
     equal = np.full(len(member_probs), 1 / len(member_probs))
+    answers = stacked.argmax(2)  # [members, images]
     return {"members_mean": 100 * float(np.mean([accuracy(p, labels) for p in member_probs])),
+            "any_member_right": 100 * float((answers == labels).any(0).mean()),
+            "members_disagree": 100 * float((answers != answers[0]).any(0).mean()),
             "probability_mean": 100 * accuracy(weighted_average(stacked, equal), labels),
             "log_probability_mean": 100 * accuracy(weighted_average(np.log(np.clip(stacked, 1e-12, None)), equal),
                                                    labels)}
@@ -74,10 +79,11 @@ def main():
                                          resolve_precision(args.precision, torch.device("cpu")))
     scores = {combo: score_combination([probs[name] for name in combo.split("+")], labels) for combo in args.combos}
     lines = [f"FER-2013 validation, {len(labels)} images, --tta {args.tta}, equal weights", "",
-             "| members | members' mean | mean of probabilities | mean of log-probabilities |",
-             "| --- | ---: | ---: | ---: |"]
-    lines += [f"| {combo} | {s['members_mean']:.2f}% | {s['probability_mean']:.2f}% | {s['log_probability_mean']:.2f}% |"
-              for combo, s in scores.items()]
+             "| members | members' mean | any member right | members disagree | mean of probabilities | "
+             "mean of log-probabilities |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {combo} | {s['members_mean']:.2f}% | {s['any_member_right']:.2f}% | {s['members_disagree']:.2f}% | "
+              f"{s['probability_mean']:.2f}% | {s['log_probability_mean']:.2f}% |" for combo, s in scores.items()]
     publish({"members": members, "tta": args.tta, "scores": scores, "machine": machine()}, "\n".join(lines),
             ROOT / args.out)
 

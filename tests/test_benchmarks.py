@@ -66,7 +66,17 @@ def test_pool_scores_both_means_with_equal_weights():
     # follows a's confidence; the mean of log-probabilities lets b's veto win.
     a, b = np.array([[0.9, 0.1, 0.0]]), np.array([[0.001, 0.5, 0.499]])
     scores = ensemble_pool.score_combination([a, b], np.array([1]))
-    assert scores == {"members_mean": 50.0, "probability_mean": 0.0, "log_probability_mean": 100.0}
+    assert scores == {"members_mean": 50.0, "any_member_right": 100.0, "members_disagree": 100.0,
+                      "probability_mean": 0.0, "log_probability_mean": 100.0}
+
+
+def test_pool_counts_where_the_members_differ_and_where_any_is_right():
+    # Labels 0, 1, 2: both members right on the first image, both wrong alike on the second, split on the third.
+    a = np.array([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8], [0.1, 0.1, 0.8]])
+    b = np.array([[0.7, 0.2, 0.1], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])
+    scores = ensemble_pool.score_combination([a, b], np.array([0, 1, 2]))
+    assert scores["any_member_right"] == pytest.approx(200 / 3)
+    assert scores["members_disagree"] == pytest.approx(100 / 3)
 
 
 def test_pool_members_are_named_checkpoints():
