@@ -2,10 +2,12 @@
 training image, computed once before the first epoch, mixed into the training targets (Hinton et al.
 2015, "Distilling the knowledge in a neural network"). FER-2013's labels are noisy, and a teacher's
 probabilities say how ambiguous each face is, which a one-hot label cannot."""
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 import cli
+from ensemble import weighted_average
 from inference import TTA_CHOICES, common_classes, load_members, predict_probs
 
 
@@ -38,8 +40,9 @@ def teacher_probabilities(paths, split, tta, device, precision):
     if classes != list(split.classes):
         raise cli.UsageError(f"the teachers know the classes {', '.join(classes)}; the data has "
                              f"{', '.join(split.classes)}. Pass teachers trained on this data.")
-    probs = sum(torch.from_numpy(predict_probs(m.model, split.images, tta, precision=precision)) for m in members)
-    return (probs / len(members)).to(device)
+    member_probs = np.stack([predict_probs(m.model, split.images, tta, precision=precision) for m in members])
+    mean = weighted_average(member_probs, np.full(len(members), 1 / len(members)))
+    return torch.from_numpy(mean).float().to(device)
 
 
 def soft_targets(labels, teacher_probs, weight):

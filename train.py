@@ -166,9 +166,9 @@ def build_scheduler(optimizer, args):
 
 def train_step(model, optimizer, scaler, x, y, device, precision, label_smoothing, batch_images=None, stop=False):
     """One SGD step on this process's part (x, y) of a batch of `batch_images` images (default: all of
-    it; y: class indices, or class probabilities from mixup, CutMix or distillation, whose largest counts as the
-    label): (mean loss, correct predictions, images) over the whole batch, and whether any process was
-    asked to `stop`. A loss that is not finite is returned before any weight changes, on every
+    it; y: class indices, or class probabilities from mixup, CutMix or distillation, whose largest
+    counts as the label): (mean loss, correct predictions, images) over the whole batch, and whether
+    any process was asked to `stop`. A loss that is not finite is returned before any weight changes, on every
     process alike, so the caller can stop with the last good weights intact."""
     with autocast(device, precision):
         logits = model(x)
@@ -251,7 +251,6 @@ def train_model(name, args, train, val, run_dir, checkpoint):
     if ema and checkpoint and checkpoint.get("ema"):  # a run resumed with --ema-decay starts its average then
         ema.load_state_dict(checkpoint["ema"])
     mix = augment.batch_mixer(args.mixup, args.cutmix, args.mix_prob, len(train.classes))
-    teacher = distill.teacher_probabilities(args.teacher, train, args.teacher_tta, device, precision)
 
     def save(path, weights):
         rngs = distributed.gather(rng_state(device, generator))  # every process takes part; rank 0 writes
@@ -264,6 +263,8 @@ def train_model(name, args, train, val, run_dir, checkpoint):
             write_atomic(path, lambda file: torch.save(state, file))
 
     images, labels = train.images.to(device), train.labels.to(device)
+    teacher = distill.teacher_probabilities(args.teacher, train, args.teacher_tta, device, precision)
+    targets = labels if teacher is None else distill.soft_targets(labels, teacher, args.distill_weight)
     val_images, val_labels = distributed.shard(val.images).to(device), distributed.shard(val.labels).to(device)
     augmentation = augment.settings(args)
 
@@ -287,11 +288,9 @@ def train_model(name, args, train, val, run_dir, checkpoint):
         for batch in bar:
             whole = order[batch * args.batch_size:(batch + 1) * args.batch_size]
             index = distributed.shard(whole)  # this process's part of the batch
-            x, y = augmented(index), labels[index]
+            x, y = augmented(index), targets[index]
             if mix:
                 x, y = mix(x, y)
-            if teacher is not None:
-                y = distill.soft_targets(y, teacher[index], args.distill_weight)
             loss_value, correct, seen, stop = train_step(model, optimizer, scaler, x, y, device, precision,
                                                          args.label_smoothing, len(whole), stop_requested.is_set())
             if ema:

@@ -49,8 +49,9 @@ def score_combination(member_probs, labels):
     stacked = np.stack(member_probs)
     equal = np.full(len(member_probs), 1 / len(member_probs))
     answers = stacked.argmax(2)  # [members, images]
-    return {"members_mean": 100 * float(np.mean([accuracy(p, labels) for p in member_probs])),
-            "any_member_right": 100 * float((answers == labels).any(0).mean()),
+    right = answers == labels
+    return {"members_mean": 100 * float(right.mean()),  # every member answers every image: the mean of theirs
+            "any_member_right": 100 * float(right.any(0).mean()),
             "members_disagree": 100 * float((answers != answers[0]).any(0).mean()),
             "probability_mean": 100 * accuracy(weighted_average(stacked, equal), labels),
             "log_probability_mean": 100 * accuracy(weighted_average(np.log(np.clip(stacked, 1e-12, None)), equal),
