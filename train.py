@@ -409,6 +409,7 @@ def train_models(args, given, invocation):
         checkpoint = distributed.on_master(open_run, name, args, train.classes, run_dir)
         config = resumed_config(args, given, checkpoint) if checkpoint else args
         config = with_provenance(with_model_epochs(config, name), checkpoint, invocation)
+        distill.check_flags(config)  # again: a resumed run's saved --teacher meets the --mixup given now
         distributed.check_launch(config.batch_size, config.sync_bn, distributed.device_for(config.device),
                                  len(train.labels))
         train_model(name, config, train, val, run_dir, checkpoint)

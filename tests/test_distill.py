@@ -74,3 +74,12 @@ def test_a_teacher_of_other_classes_is_refused(tmp_path):
 def test_a_teacher_with_mixup_is_refused_before_any_work(tmp_path):
     with pytest.raises(cli.UsageError, match="--teacher cannot be combined with --mixup"):
         train.main(["--data", SYNTHETIC, "--out", str(tmp_path), "--teacher", "absent.pt", "--mixup", "0.2"])
+
+
+def test_a_teacher_run_resumed_with_mixup_is_refused(tmp_path):
+    split, _ = load_train_val(SYNTHETIC)
+    teacher = constant_teacher(tmp_path / "teacher.pt", split.classes, favourite=0)
+    flags = ["--data", SYNTHETIC, "--models", "model_y", "--out", str(tmp_path / "runs"), *QUICK_TRAINING]
+    train.main([*flags, "--epochs", "1", "--teacher", str(teacher)])
+    with pytest.raises(cli.UsageError, match="--teacher cannot be combined with --mixup"):
+        train.main([*flags, "--epochs", "2", "--resume", "--mixup", "0.2"])
