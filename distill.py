@@ -2,13 +2,11 @@
 training image, computed once before the first epoch, mixed into the training targets (Hinton et al.
 2015, "Distilling the knowledge in a neural network"). FER-2013's labels are noisy, and a teacher's
 probabilities say how ambiguous each face is, which a one-hot label cannot."""
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import cli
-from ensemble import weighted_average
-from inference import TTA_CHOICES, common_classes, load_members, predict_probs
+from inference import TTA_CHOICES, Predictor
 
 
 def add_flags(p):
@@ -29,20 +27,16 @@ def check_flags(args):
                              "indices, not the teacher's probabilities")
 
 
-@torch.inference_mode()
 def teacher_probabilities(paths, split, tta, device, precision):
     """The teachers' mean softmax probabilities [N, C] on `split`'s images, on `device` (None without
     teachers); a UsageError when a teacher's class list is not the data's."""
     if not paths:
         return None
-    members = load_members(paths, device)
-    classes = common_classes(members)
-    if classes != list(split.classes):
-        raise cli.UsageError(f"the teachers know the classes {', '.join(classes)}; the data has "
+    teachers = Predictor([(path, 1.0) for path in paths], tta, device=device, precision=precision)
+    if teachers.classes != list(split.classes):
+        raise cli.UsageError(f"the teachers know the classes {', '.join(teachers.classes)}; the data has "
                              f"{', '.join(split.classes)}. Pass teachers trained on this data.")
-    member_probs = np.stack([predict_probs(m.model, split.images, tta, precision=precision) for m in members])
-    mean = weighted_average(member_probs, np.full(len(members), 1 / len(members)))
-    return torch.from_numpy(mean).float().to(device)
+    return torch.from_numpy(teachers.probabilities(split.images)).float().to(device)
 
 
 def soft_targets(labels, teacher_probs, weight):

@@ -203,7 +203,7 @@ def request_stop(signum, frame):
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
 
 
-def train_model(name, args, train, val, run_dir, checkpoint):
+def train_model(name, args, train, val, run_dir, checkpoint, teacher=None):
     device = distributed.device_for(args.device)
     rank, master = distributed.rank(), distributed.is_master()
     precision = resolve_precision(args.precision, device)
@@ -263,7 +263,6 @@ def train_model(name, args, train, val, run_dir, checkpoint):
             write_atomic(path, lambda file: torch.save(state, file))
 
     images, labels = train.images.to(device), train.labels.to(device)
-    teacher = distill.teacher_probabilities(args.teacher, train, args.teacher_tta, device, precision)
     targets = labels if teacher is None else distill.soft_targets(labels, teacher, args.distill_weight)
     val_images, val_labels = distributed.shard(val.images).to(device), distributed.shard(val.labels).to(device)
     augmentation = augment.settings(args)
@@ -403,6 +402,7 @@ def train_models(args, given, invocation):
               f"classes {', '.join(train.classes)}")
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    teachers = {}  # --teacher's probabilities by (files, TTA, device, precision): made once for the models sharing them
     for name in args.models:
         run_dir = Path(args.out) / name
         # Rank 0 reads the run folder (perhaps on its disk only) and hands the checkpoint to every process.
@@ -410,9 +410,12 @@ def train_models(args, given, invocation):
         config = resumed_config(args, given, checkpoint) if checkpoint else args
         config = with_provenance(with_model_epochs(config, name), checkpoint, invocation)
         distill.check_flags(config)  # again: a resumed run's saved --teacher meets the --mixup given now
-        distributed.check_launch(config.batch_size, config.sync_bn, distributed.device_for(config.device),
-                                 len(train.labels))
-        train_model(name, config, train, val, run_dir, checkpoint)
+        device = distributed.device_for(config.device)
+        distributed.check_launch(config.batch_size, config.sync_bn, device, len(train.labels))
+        key = (tuple(config.teacher or ()), config.teacher_tta, device, resolve_precision(config.precision, device))
+        if key not in teachers:
+            teachers[key] = distill.teacher_probabilities(config.teacher, train, config.teacher_tta, device, key[3])
+        train_model(name, config, train, val, run_dir, checkpoint, teachers[key])
 
 
 if __name__ == "__main__":
