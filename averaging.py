@@ -1,5 +1,6 @@
-"""Weight averaging for training: an exponential moving average (EMA) of a network's weights, kept by
-torch.optim.swa_utils, with its batch-norm statistics recomputed before it is validated or saved.
+"""Weight averaging for training, kept by torch.optim.swa_utils: an exponential moving average (EMA) of a
+network's weights, or their plain mean over the last epochs (stochastic weight averaging, SWA), with its
+batch-norm statistics recomputed before it is validated or saved.
 
 The running batch-norm statistics of a network belong to its own weights, not to an average of them
 (Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima"), so they are measured again on
@@ -19,6 +20,12 @@ def moving_average(model, decay):
     """An EMA copy of `model` (same device and memory format), updated after every optimizer step by
     `update_parameters(model)`: each step moves it 1 - decay of the way towards the current weights."""
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+
+
+def equal_average(model):
+    """An SWA copy of `model`: each `update_parameters(model)` adds the current weights to a plain mean of
+    all those it was given (Izmailov et al. 2018 add them once per epoch at a constant learning rate)."""
+    return AveragedModel(model, use_buffers=False)
 
 
 @torch.no_grad()

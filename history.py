@@ -10,7 +10,7 @@ from files import write_atomic, write_text_atomic
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "ema_val_acc", "lr", "seconds",
+METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "average_val_acc", "lr", "seconds",
                  "images_per_sec"]
 
 
@@ -28,8 +28,10 @@ def plot_curves(run_dir, metrics, title):
     for split in ("train", "val"):
         loss_axis.plot(epochs, [m[f"{split}_loss"] for m in metrics], marker=".", label=split)
         acc_axis.plot(epochs, [100 * m[f"{split}_acc"] for m in metrics], marker=".", label=split)
-    if metrics[-1].get("ema_val_acc") not in (None, ""):
-        acc_axis.plot(epochs, [100 * m["ema_val_acc"] for m in metrics], marker=".", label="val, weight average")
+    averaged = [m for m in metrics if m.get("average_val_acc") not in (None, "")]
+    if averaged:  # EMA: every epoch; SWA: its last epochs only
+        acc_axis.plot([m["epoch"] for m in averaged], [100 * m["average_val_acc"] for m in averaged], marker=".",
+                      label="val, weight average")
     loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title=f"{title}: loss")
     acc_axis.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{title}: accuracy")
     for axis in (loss_axis, acc_axis):

@@ -56,11 +56,20 @@ def resumed_config(args, given, checkpoint):
     given_flags), even where a given value equals the default; a flag the run predates takes its value now."""
     config = dict(checkpoint["config"])
     config.update({key: value for key, value in vars(args).items() if key in given or key not in config})
-    saved_schedule = checkpoint["config"].get("schedule", config["schedule"])
-    if config["schedule"] != saved_schedule:  # one scheduler's state means nothing to the other
-        raise UsageError(f"--resume: this run was trained with --schedule {saved_schedule}; it cannot switch to "
-                         f"--schedule {config['schedule']}. Resume without --schedule, or start a new run with --out.")
+    # One scheduler's state means nothing to another; runs from before --swa-epochs had none.
+    for flag, predated in (("schedule", config["schedule"]), ("swa_epochs", 0)):
+        saved = checkpoint["config"].get(flag, predated)
+        if config[flag] != saved:
+            raise UsageError(f"--resume: this run was trained with --{flag.replace('_', '-')} {saved}; it cannot "
+                             f"switch to {config[flag]}. Resume without that flag, or start a new run with --out.")
     return argparse.Namespace(**config)
+
+
+def saved_metrics(checkpoint):
+    """The checkpoint's rows of metrics, their weight-average column named as today (runs from before
+    --swa-epochs called it ema_val_acc)."""
+    return [{("average_val_acc" if key == "ema_val_acc" else key): value for key, value in row.items()}
+            for row in checkpoint["metrics"]]
 
 
 def code_version():
@@ -80,7 +89,7 @@ def with_provenance(args, checkpoint, invocation):
 
 
 # The parts of a scheduler's state that come from flags; the rest (epoch count, best loss, ...) is progress.
-SCHEDULER_SETTINGS = ("T_max", "eta_min", "factor", "patience", "min_lrs", "default_min_lr")
+SCHEDULER_SETTINGS = ("T_max", "eta_min", "factor", "patience", "min_lrs", "default_min_lr", "anneal_epochs")
 
 
 def resume_scheduler(scheduler, saved_state):
@@ -91,7 +100,7 @@ def resume_scheduler(scheduler, saved_state):
 
 
 # The optimizer settings that come from flags; momentum buffers and the scheduled rate are progress.
-OPTIMIZER_SETTINGS = ("momentum", "nesterov", "weight_decay")
+OPTIMIZER_SETTINGS = ("momentum", "nesterov", "weight_decay", "swa_lr")
 
 
 def resume_optimizer(optimizer, saved_state, saved_lr):
@@ -101,7 +110,7 @@ def resume_optimizer(optimizer, saved_state, saved_lr):
     fresh = [dict(group) for group in optimizer.param_groups]
     optimizer.load_state_dict(saved_state)
     for group, flags in zip(optimizer.param_groups, fresh):
-        group.update({key: flags[key] for key in OPTIMIZER_SETTINGS})
+        group.update({key: flags[key] for key in OPTIMIZER_SETTINGS if key in flags})
         if flags["lr"] != saved_lr:
             group["lr"] = flags["lr"]
 

@@ -28,11 +28,12 @@ import cli
 import data
 import distill
 import distributed
+import schedule
 from files import write_atomic, write_text_atomic
 from history import plot_curves, write_metrics
 from models import MODELS, autocast, build_model, default_epochs, describe_model, resolve_precision
 from resume import (given_flags, open_run, restore_rank_rng, resume_optimizer, resume_scheduler, resumed_config,
-                    rng_state, saved_data_source, with_provenance)
+                    rng_state, saved_data_source, saved_metrics, with_provenance)
 
 # Named sets of flag defaults, one per training-time budget on two CPU cores; a flag typed beside --budget
 # wins. docs/results.md gives what each bought, measured by benchmarks/accuracy.py.
@@ -74,22 +75,7 @@ def build_parser():
     p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True, help="Nesterov momentum")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
     p.add_argument("--label-smoothing", type=cli.probability, default=0.1, help="cross-entropy label smoothing")
-    p.add_argument("--schedule", default="cosine", choices=["plateau", "cosine"],
-                   help="how the learning rate falls: cosine (a cosine decay from the initial rate to the floor "
-                        "over all epochs) or plateau (cut when validation loss stalls, the original project's "
-                        "schedule)")
-    p.add_argument("--restarts", type=cli.positive(int), default=1,
-                   help="cosine schedule: this many equal cycles, each restarting at --lr (SGDR, Loshchilov & "
-                        "Hutter 2017); the weights at each cycle's end are saved as snapshot_<cycle>.pt, members "
-                        "for evaluate.py --checkpoints (a snapshot ensemble, Huang et al. 2017)")
-    p.add_argument("--plateau-patience", type=int, default=3,
-                   help="plateau schedule: epochs without validation-loss improvement before the learning rate is "
-                        "cut, or, once it is at --min-lr, before training stops")
-    p.add_argument("--plateau-factor", type=cli.probability, default=0.3,
-                   help="plateau schedule: learning-rate cut factor")
-    p.add_argument("--min-lr", type=float, default=3e-4,
-                   help="learning-rate floor; under --schedule plateau, training stops early once the rate is there "
-                        "and validation loss has not improved for more than --plateau-patience epochs")
+    schedule.add_flags(p)
     augment.add_flags(p)
     distill.add_flags(p)
     p.add_argument("--ema-decay", type=cli.probability, default=0.0,
@@ -152,18 +138,6 @@ def build_optimizer(model, args):
                            nesterov=args.nesterov and args.momentum > 0, weight_decay=args.weight_decay)
 
 
-def build_scheduler(optimizer, args):
-    if args.schedule == "cosine" and args.restarts > 1:
-        if args.epochs % args.restarts:
-            raise cli.UsageError(f"--epochs {args.epochs} is not a multiple of --restarts {args.restarts}")
-        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-            optimizer, T_0=args.epochs // args.restarts, eta_min=args.min_lr)
-    if args.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs, eta_min=args.min_lr)
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, factor=args.plateau_factor, patience=args.plateau_patience, min_lr=args.min_lr)
-
-
 def train_step(model, optimizer, scaler, x, y, device, precision, label_smoothing, batch_images=None, stop=False):
     """One SGD step on this process's part (x, y) of a batch of `batch_images` images (default: all of
     it; y: class indices, or class probabilities from mixup, CutMix or distillation, whose largest
@@ -221,8 +195,9 @@ def train_model(name, args, train, val, run_dir, checkpoint, teacher=None):
               + (f"; {distributed.world_size()} processes" if distributed.launched() else ""))
         for leftover in run_dir.glob(".*.tmp"):  # from a run killed while writing a file
             leftover.unlink()
+    schedule.check_flags(args)
     optimizer = build_optimizer(model, args)
-    scheduler = build_scheduler(optimizer, args)
+    scheduler = schedule.build(optimizer, args)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     generator = torch.Generator(device).manual_seed(distributed.rank_seed(args.seed, rank))
     if rank:  # each process its own dropout (and augmentation): seeded from (seed, rank)
@@ -236,7 +211,7 @@ def train_model(name, args, train, val, run_dir, checkpoint, teacher=None):
         resume_scheduler(scheduler, checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         restore_rank_rng(checkpoint, rank, args.seed, device, generator)
-        progress, metrics = checkpoint["progress"], checkpoint["metrics"]
+        progress, metrics = checkpoint["progress"], saved_metrics(checkpoint)
         if master:
             print(f"{name}: resuming at epoch {progress['epoch'] + 1}, batch {progress['batch']}")
     if master:
@@ -247,16 +222,18 @@ def train_model(name, args, train, val, run_dir, checkpoint, teacher=None):
                 "torchvision": torchvision.__version__}}, indent=2))
     # Under torchrun `model` is the DistributedDataParallel wrapper that trains; `plain` is validated and saved.
     model, plain = distributed.wrap(model, device, args.sync_bn)
-    ema = averaging.moving_average(plain, args.ema_decay) if args.ema_decay else None
-    if ema and checkpoint and checkpoint.get("ema"):  # a run resumed with --ema-decay starts its average then
-        ema.load_state_dict(checkpoint["ema"])
+    average = (averaging.moving_average(plain, args.ema_decay) if args.ema_decay
+               else averaging.equal_average(plain) if args.swa_epochs else None)
+    saved_average = checkpoint and checkpoint.get("average", checkpoint.get("ema"))  # "ema": runs before SWA
+    if average is not None and saved_average:  # a run resumed with --ema-decay starts its average then
+        average.load_state_dict(saved_average)
     mix = augment.batch_mixer(args.mixup, args.cutmix, args.mix_prob, len(train.classes))
 
     def save(path, weights):
         rngs = distributed.gather(rng_state(device, generator))  # every process takes part; rank 0 writes
         if master:
             state = {"model_name": name, "classes": train.classes, "config": vars(args), "model": weights.state_dict(),
-                     "ema": ema.state_dict() if ema else None,
+                     "average": average.state_dict() if average else None,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "rng": rngs[0], "rank_rng": rngs[1:], "progress": dict(progress),
                      "metrics": metrics}
@@ -292,8 +269,8 @@ def train_model(name, args, train, val, run_dir, checkpoint, teacher=None):
                 x, y = mix(x, y)
             loss_value, correct, seen, stop = train_step(model, optimizer, scaler, x, y, device, precision,
                                                          args.label_smoothing, len(whole), stop_requested.is_set())
-            if ema:
-                ema.update_parameters(plain)
+            if args.ema_decay:
+                average.update_parameters(plain)
             if not math.isfinite(loss_value):
                 raise cli.UsageError(divergence_message(
                     name, f"loss became {loss_value} at epoch {epoch + 1}, batch {batch + 1}", lr, run_dir))
@@ -318,20 +295,23 @@ def train_model(name, args, train, val, run_dir, checkpoint, teacher=None):
         if not math.isfinite(val_loss):  # weights can overflow even while the batch losses stay finite
             raise cli.UsageError(divergence_message(
                 name, f"validation loss became {val_loss} at epoch {epoch + 1}, batch {batches}", lr, run_dir))
-        ema_val_acc = ""
-        if ema:
+        if schedule.is_averaging(args, epoch):
+            average.update_parameters(plain)
+        averaged = average is not None and average.n_averaged > 0
+        average_val_acc = ""
+        if averaged:
             bn_batches = (augmented(distributed.shard(order[i * args.batch_size:(i + 1) * args.batch_size]))
                           for i in range(min(averaging.BN_BATCHES, batches)))
-            ema_val_acc = averaging.validate_average(ema, bn_batches, autocast(device, precision), validate)[1]
+            average_val_acc = averaging.validate_average(average, bn_batches, autocast(device, precision), validate)[1]
         metrics.append({"epoch": epoch + 1, "train_loss": round(progress["loss_sum"] / progress["seen"], 5),
                         "train_acc": round(progress["correct"] / progress["seen"], 5),
                         "val_loss": round(val_loss, 5), "val_acc": round(val_acc, 5),
-                        "ema_val_acc": round(ema_val_acc, 5) if ema else "", "lr": lr,
+                        "average_val_acc": round(average_val_acc, 5) if averaged else "", "lr": lr,
                         "seconds": round(seconds, 4), "images_per_sec": round(progress["seen"] / seconds, 1)})
         if master:
             print(f"{name} epoch {epoch + 1}/{args.epochs}: train loss {metrics[-1]['train_loss']:.3f} "
                   f"acc {100 * metrics[-1]['train_acc']:.1f}% | val loss {val_loss:.3f} acc {100 * val_acc:.1f}% "
-                  + (f"(average {100 * ema_val_acc:.1f}%) " if ema else "")
+                  + (f"(average {100 * average_val_acc:.1f}%) " if averaged else "")
                   + f"| lr {lr:.3g} | {seconds:.0f} s, {metrics[-1]['images_per_sec']:.0f} img/s", flush=True)
         if args.schedule == "plateau":
             scheduler.step(val_loss)
@@ -345,10 +325,10 @@ def train_model(name, args, train, val, run_dir, checkpoint, teacher=None):
         at_floor = optimizer.param_groups[0]["lr"] <= args.min_lr * (1 + 1e-6)
         if args.schedule == "plateau" and at_floor and progress["epochs_since_best_loss"] > args.plateau_patience:
             progress["stopped"] = "learning rate at its floor and validation loss no longer improving"
-        if (ema_val_acc if ema else val_acc) > progress["best_val_acc"]:
-            progress["best_val_acc"] = ema_val_acc if ema else val_acc
+        if (average_val_acc if averaged else val_acc) > progress["best_val_acc"]:
+            progress["best_val_acc"] = average_val_acc if averaged else val_acc
             # before last.pt: a kill in between redoes this epoch identically
-            save(run_dir / "best.pt", ema.module if ema else plain)
+            save(run_dir / "best.pt", average.module if averaged else plain)
         if args.restarts > 1 and (epoch + 1) % (args.epochs // args.restarts) == 0:
             save(run_dir / f"snapshot_{(epoch + 1) * args.restarts // args.epochs}.pt", plain)
         save(run_dir / "last.pt", plain)

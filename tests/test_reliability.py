@@ -118,8 +118,10 @@ def test_resume_errors(tmp_path):
     assert "is a model_y run" in train_error(tmp_path, *TINY, "--resume", "--models", "model_x")
     six = write_class_tree(tmp_path / "six", ["angry", "fear", "happy", "neutral", "sad", "surprise"], 6)
     assert "on classes" in train_error(tmp_path, "--data", str(six), "--resume", "--models", "model_y")
-    assert "cannot switch to --schedule plateau" in train_error(
+    assert "cannot switch to plateau" in train_error(
         tmp_path, *TINY, "--resume", "--models", "model_y", "--schedule", "plateau")
+    assert "--swa-epochs 0; it cannot switch to 1" in train_error(
+        tmp_path, *TINY, "--resume", "--models", "model_y", "--swa-epochs", "1")
 
 
 def test_data_whose_classes_no_checkpoint_knows(trained_runs, tmp_path):

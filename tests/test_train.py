@@ -131,9 +131,10 @@ def test_resume_after_whole_epochs_matches_uninterrupted_run(tmp_path):
 
 
 AVERAGE_AND_MIX = ("--ema-decay", "0.9", "--mixup", "0.4", "--cutmix", "1.0", "--mix-prob", "0.5")
+SWA_LAST_EPOCH = ("--swa-epochs", "1", "--swa-lr", "0.004")
 
 
-@pytest.mark.parametrize("extra", [(), AVERAGE_AND_MIX], ids=["plain", "average-and-mix"])
+@pytest.mark.parametrize("extra", [(), AVERAGE_AND_MIX, SWA_LAST_EPOCH], ids=["plain", "average-and-mix", "swa"])
 def test_interrupt_mid_epoch_saves_and_resume_matches(tmp_path, monkeypatch, capsys, extra):
     whole = run(tmp_path / "whole", *extra, epochs=2)
     real_step = train.train_step
@@ -156,7 +157,8 @@ def test_interrupt_mid_epoch_saves_and_resume_matches(tmp_path, monkeypatch, cap
     train.main(["--resume", "--out", str(tmp_path / "cut"), "--models", "model_x"])
     assert_same_weights(final_weights(whole), final_weights(tmp_path / "cut" / "model_x"))
     if extra:
-        averages = [torch.load(d / "last.pt", weights_only=True)["ema"] for d in (whole, tmp_path / "cut" / "model_x")]
+        averages = [torch.load(d / "last.pt", weights_only=True)["average"]
+                    for d in (whole, tmp_path / "cut" / "model_x")]
         assert_same_weights(*averages)
 
 
@@ -165,12 +167,39 @@ def test_the_weight_average_is_validated_and_saved_as_best(tmp_path):
     with open(run_dir / "metrics.csv") as file:
         rows = list(csv.DictReader(file))
     best = torch.load(run_dir / "best.pt", weights_only=True)
-    assert best["progress"]["best_val_acc"] == pytest.approx(max(float(r["ema_val_acc"]) for r in rows), abs=1e-5)
+    assert best["progress"]["best_val_acc"] == pytest.approx(max(float(r["average_val_acc"]) for r in rows), abs=1e-5)
     # best.pt's weights are the average's at that epoch, batch-norm statistics included, not the trained ones.
-    assert_same_weights(best["model"], {key[len("module."):]: value for key, value in best["ema"].items()
+    assert_same_weights(best["model"], {key[len("module."):]: value for key, value in best["average"].items()
                                         if key.startswith("module.")})
     last = torch.load(run_dir / "last.pt", weights_only=True)
-    assert not torch.equal(last["model"]["0.weight"], last["ema"]["module.0.weight"])
+    assert not torch.equal(last["model"]["0.weight"], last["average"]["module.0.weight"])
+
+
+def test_swa_decays_to_its_rate_then_averages_the_last_epochs_into_best(tmp_path):
+    run_dir = run(tmp_path, "--swa-epochs", "2", "--swa-lr", "0.004", epochs=4, models_=("model_y",))
+    with open(run_dir / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    # QUICK_TRAINING's --lr 0.01, halfway to the SWA rate after one of the two decay epochs, then held there
+    assert [float(r["lr"]) for r in rows] == pytest.approx([0.01, 0.007, 0.004, 0.004])
+    assert [r["average_val_acc"] != "" for r in rows] == [False, False, True, True]
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    assert last["average"]["n_averaged"] == 2
+    best = torch.load(run_dir / "best.pt", weights_only=True)
+    accuracies = [float(r["average_val_acc"] or r["val_acc"]) for r in rows]
+    assert best["progress"]["best_val_acc"] == pytest.approx(max(accuracies), abs=1e-5)
+    if max(accuracies) > max(accuracies[:2]):  # the average won: best.pt holds it, not the trained weights
+        assert_same_weights(best["model"], {key[len("module."):]: value for key, value in best["average"].items()
+                                            if key.startswith("module.")})
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--swa-epochs", "2", "--ema-decay", "0.9"), "without --ema-decay"),
+    (("--swa-epochs", "2", "--schedule", "plateau"), "one cosine cycle"),
+    (("--swa-epochs", "3"), "fewer than --epochs 3"),
+])
+def test_swa_flags_that_cannot_work_are_refused(tmp_path, extra, message):
+    with pytest.raises(cli.UsageError, match=message):
+        run(tmp_path, *extra, epochs=3, models_=("model_y",))
 
 
 def test_existing_run_is_not_overwritten_by_accident(tmp_path):
