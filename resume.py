@@ -30,6 +30,16 @@ def open_run(name, args, classes, run_dir):
     if checkpoint.get("model_name") != name or checkpoint.get("classes") != classes:
         raise UsageError(f"--resume: {last} is a {checkpoint.get('model_name')} run on classes "
                          f"{checkpoint.get('classes')}, not {name} on {classes}. Use another --out.")
+    return with_current_names(checkpoint)
+
+
+def with_current_names(checkpoint):
+    """`checkpoint` with its weight average under today's names: runs from before --swa-epochs saved it
+    as "ema" and its metrics column as ema_val_acc."""
+    average = checkpoint.pop("ema", None)
+    checkpoint.setdefault("average", average)
+    checkpoint["metrics"] = [{("average_val_acc" if key == "ema_val_acc" else key): value
+                              for key, value in row.items()} for row in checkpoint["metrics"]]
     return checkpoint
 
 
@@ -63,13 +73,6 @@ def resumed_config(args, given, checkpoint):
             raise UsageError(f"--resume: this run was trained with --{flag.replace('_', '-')} {saved}; it cannot "
                              f"switch to {config[flag]}. Resume without that flag, or start a new run with --out.")
     return argparse.Namespace(**config)
-
-
-def saved_metrics(checkpoint):
-    """The checkpoint's rows of metrics, their weight-average column named as today (runs from before
-    --swa-epochs called it ema_val_acc)."""
-    return [{("average_val_acc" if key == "ema_val_acc" else key): value for key, value in row.items()}
-            for row in checkpoint["metrics"]]
 
 
 def code_version():

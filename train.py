@@ -33,7 +33,7 @@ from files import write_atomic, write_text_atomic
 from history import plot_curves, write_metrics
 from models import MODELS, autocast, build_model, default_epochs, describe_model, resolve_precision
 from resume import (given_flags, open_run, restore_rank_rng, resume_optimizer, resume_scheduler, resumed_config,
-                    rng_state, saved_data_source, saved_metrics, with_provenance)
+                    rng_state, saved_data_source, with_provenance)
 
 # Named sets of flag defaults, one per training-time budget on two CPU cores; a flag typed beside --budget
 # wins. docs/results.md gives what each bought, measured by benchmarks/accuracy.py.
@@ -195,7 +195,6 @@ def train_model(name, args, train, val, run_dir, checkpoint, teacher=None):
               + (f"; {distributed.world_size()} processes" if distributed.launched() else ""))
         for leftover in run_dir.glob(".*.tmp"):  # from a run killed while writing a file
             leftover.unlink()
-    schedule.check_flags(args)
     optimizer = build_optimizer(model, args)
     scheduler = schedule.build(optimizer, args)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -211,7 +210,7 @@ def train_model(name, args, train, val, run_dir, checkpoint, teacher=None):
         resume_scheduler(scheduler, checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         restore_rank_rng(checkpoint, rank, args.seed, device, generator)
-        progress, metrics = checkpoint["progress"], saved_metrics(checkpoint)
+        progress, metrics = checkpoint["progress"], checkpoint["metrics"]
         if master:
             print(f"{name}: resuming at epoch {progress['epoch'] + 1}, batch {progress['batch']}")
     if master:
@@ -224,16 +223,15 @@ def train_model(name, args, train, val, run_dir, checkpoint, teacher=None):
     model, plain = distributed.wrap(model, device, args.sync_bn)
     average = (averaging.moving_average(plain, args.ema_decay) if args.ema_decay
                else averaging.equal_average(plain) if args.swa_epochs else None)
-    saved_average = checkpoint and checkpoint.get("average", checkpoint.get("ema"))  # "ema": runs before SWA
-    if average is not None and saved_average:  # a run resumed with --ema-decay starts its average then
-        average.load_state_dict(saved_average)
+    if average is not None and checkpoint and checkpoint["average"]:  # else it starts now (--resume turned it on)
+        average.load_state_dict(checkpoint["average"])
     mix = augment.batch_mixer(args.mixup, args.cutmix, args.mix_prob, len(train.classes))
 
     def save(path, weights):
         rngs = distributed.gather(rng_state(device, generator))  # every process takes part; rank 0 writes
         if master:
             state = {"model_name": name, "classes": train.classes, "config": vars(args), "model": weights.state_dict(),
-                     "average": average.state_dict() if average else None,
+                     "average": average.state_dict() if average is not None else None,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "rng": rngs[0], "rank_rng": rngs[1:], "progress": dict(progress),
                      "metrics": metrics}
@@ -325,8 +323,9 @@ def train_model(name, args, train, val, run_dir, checkpoint, teacher=None):
         at_floor = optimizer.param_groups[0]["lr"] <= args.min_lr * (1 + 1e-6)
         if args.schedule == "plateau" and at_floor and progress["epochs_since_best_loss"] > args.plateau_patience:
             progress["stopped"] = "learning rate at its floor and validation loss no longer improving"
-        if (average_val_acc if averaged else val_acc) > progress["best_val_acc"]:
-            progress["best_val_acc"] = average_val_acc if averaged else val_acc
+        score = average_val_acc if averaged else val_acc  # what best.pt would hold
+        if score > progress["best_val_acc"]:
+            progress["best_val_acc"] = score
             # before last.pt: a kill in between redoes this epoch identically
             save(run_dir / "best.pt", average.module if averaged else plain)
         if args.restarts > 1 and (epoch + 1) % (args.epochs // args.restarts) == 0:
@@ -390,6 +389,7 @@ def train_models(args, given, invocation):
         config = resumed_config(args, given, checkpoint) if checkpoint else args
         config = with_provenance(with_model_epochs(config, name), checkpoint, invocation)
         distill.check_flags(config)  # again: a resumed run's saved --teacher meets the --mixup given now
+        schedule.check_flags(config)  # on this model's own --epochs
         device = distributed.device_for(config.device)
         distributed.check_launch(config.batch_size, config.sync_bn, device, len(train.labels))
         key = (tuple(config.teacher or ()), config.teacher_tta, device, resolve_precision(config.precision, device))
