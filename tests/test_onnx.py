@@ -35,21 +35,25 @@ def random_member(name, seed):
     return model
 
 
-@pytest.fixture(scope="module")
-def random_ensemble(tmp_path_factory):
-    """runs/model_x/best.pt and runs/model_y/best.pt saved as train.py saves them, and an ensemble.json
-    weighting them 0.4 and 0.6."""
-    runs = tmp_path_factory.mktemp("runs")
+def save_random_ensemble(runs, names, weights):
+    """runs/NAME/best.pt for each name, saved as train.py saves them, and runs/evaluation/ensemble.json
+    weighting them by `weights`."""
     paths = []
-    for seed, name in enumerate(["model_x", "model_y"]):
+    for seed, name in enumerate(names):
         path = runs / name / "best.pt"
-        path.parent.mkdir()
+        path.parent.mkdir(parents=True)
         torch.save({"model_name": name, "classes": synthetic.CLASSES, "config": {"data": "synthetic:20"},
                     "model": random_member(name, seed).state_dict()}, path)
         paths.append(path)
-    fit = {"method": "equal", "weights": WEIGHTS, "val_accuracy": 0.0, "val_nll": 0.0, "candidates": {}}
+    fit = {"method": "equal", "weights": weights, "val_accuracy": 0.0, "val_nll": 0.0, "candidates": {}}
     ensemble.save_ensemble(runs / "evaluation" / "ensemble.json", paths, synthetic.CLASSES, fit, "none")
     return runs / "evaluation" / "ensemble.json"
+
+
+@pytest.fixture(scope="module")
+def random_ensemble(tmp_path_factory):
+    """model_x and model_y weighted 0.4 and 0.6."""
+    return save_random_ensemble(tmp_path_factory.mktemp("runs"), ["model_x", "model_y"], WEIGHTS)
 
 
 def export_onnx(ensemble_file, out, fmt="onnx"):
@@ -77,6 +81,17 @@ def test_onnx_runtime_matches_pytorch_fp32(random_ensemble, exported, batch, tta
     assert onnx_probs.shape == torch_probs.shape == (batch, len(synthetic.CLASSES))
     np.testing.assert_allclose(onnx_probs, torch_probs, rtol=1e-3, atol=1e-5)
     assert (onnx_probs.argmax(1) == torch_probs.argmax(1)).all()
+
+
+def test_a_member_that_equalises_its_input_exports_and_matches_pytorch(tmp_path):
+    random_ensemble = save_random_ensemble(tmp_path / "runs", ["model_e"], [1.0])
+    export_onnx(random_ensemble, tmp_path / "weights")
+    images = faces(7)
+    torch_probs = inference.Predictor.from_ensemble(random_ensemble, "flip", device="cpu", precision="fp32") \
+        .predict_faces(images)
+    onnx_probs = inference.Predictor.from_onnx(tmp_path / "weights" / "ensemble.onnx", "flip", threads=1) \
+        .predict_faces(images)
+    np.testing.assert_allclose(onnx_probs, torch_probs, rtol=1e-3, atol=1e-5)
 
 
 def test_the_graph_holds_the_ensemble_and_its_metadata(exported):

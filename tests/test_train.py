@@ -26,6 +26,18 @@ def test_model_y_is_cheaper_than_model_x():
     assert y["macs"] < x["macs"]
 
 
+def test_histogram_equalization_spreads_each_face_over_the_range_and_keeps_its_order_of_grey_levels():
+    torch.manual_seed(0)
+    levels = torch.randint(100, 111, (3, 1, 48, 48))  # dim, low-contrast faces: eleven grey levels
+    equalize = models.HistogramEqualization()
+    equalized = equalize(levels / 255)
+    assert equalized.amax(dim=(1, 2, 3)).eq(1).all() and equalized.amin(dim=(1, 2, 3)).lt(0.2).all()
+    order = levels.flatten(1).argsort(dim=1)
+    assert equalized.flatten(1).gather(1, order).diff(dim=1).ge(0).all()  # brighter stays brighter
+    assert torch.equal(equalize(levels * 2 / 255), equalized)  # same ranks, same picture
+    assert torch.equal(equalize(levels[1:2] / 255), equalized[1:2])  # each image by its own histogram
+
+
 def test_stochastic_depth_skips_blocks_only_in_training_and_holds_no_weights():
     torch.manual_seed(0)
     plain, dropping = (models.residual_network(7, 8, 0.0, blocks=(1, 1, 1), drop_path=p) for p in (0.0, 1.0))
@@ -243,7 +255,7 @@ def test_each_model_has_its_own_epochs_unless_epochs_is_given():
     unset, given = parser.parse_args([]), parser.parse_args(["--epochs", "5"])
     defaults = {name: models.default_epochs(name) for name in models.MODELS}
     assert {name: train.with_model_epochs(unset, name).epochs for name in models.MODELS} == defaults
-    assert defaults == {"model_x": 60, "model_y": 72, "model_z": 80, "model_w": 60}  # docs/results.md
+    assert defaults == {"model_x": 60, "model_y": 72, "model_z": 80, "model_w": 60, "model_e": 72}  # docs/results.md
     assert {train.with_model_epochs(given, name).epochs for name in models.MODELS} == {5}
     assert "model_x 60, model_y 72" in " ".join(parser.format_help().split())
     # A run started with --epochs 5 and resumed without it keeps its 5, not the model's default.
