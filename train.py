@@ -381,21 +381,29 @@ def train_models(args, given, invocation):
               f"classes {', '.join(train.classes)}")
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    runs = [checked_run(name, args, given, invocation, train) for name in args.models]  # before any trains
     teachers = {}  # --teacher's probabilities by (files, TTA, device, precision): made once for the models sharing them
-    for name in args.models:
-        run_dir = Path(args.out) / name
-        # Rank 0 reads the run folder (perhaps on its disk only) and hands the checkpoint to every process.
-        checkpoint = distributed.on_master(open_run, name, args, train.classes, run_dir)
-        config = resumed_config(args, given, checkpoint) if checkpoint else args
-        config = with_provenance(with_model_epochs(config, name), checkpoint, invocation)
-        distill.check_flags(config)  # again: a resumed run's saved --teacher meets the --mixup given now
-        schedule.check_flags(config)  # on this model's own --epochs
-        device = distributed.device_for(config.device)
-        distributed.check_launch(config.batch_size, config.sync_bn, device, len(train.labels))
+    for name, run_dir, checkpoint, config, device in runs:
         key = (tuple(config.teacher or ()), config.teacher_tta, device, resolve_precision(config.precision, device))
         if key not in teachers:
             teachers[key] = distill.teacher_probabilities(config.teacher, train, config.teacher_tta, device, key[3])
         train_model(name, config, train, val, run_dir, checkpoint, teachers[key])
+
+
+def checked_run(name, args, given, invocation, train):
+    """(name, run folder, checkpoint to resume or None, settings, device) for one model, after every check
+    on its own settings: run for each model before the first trains, so that a flag refused for the last
+    model does not wait behind hours of training the others."""
+    run_dir = Path(args.out) / name
+    # Rank 0 reads the run folder (perhaps on its disk only) and hands the checkpoint to every process.
+    checkpoint = distributed.on_master(open_run, name, args, train.classes, run_dir)
+    config = resumed_config(args, given, checkpoint) if checkpoint else args
+    config = with_provenance(with_model_epochs(config, name), checkpoint, invocation)
+    distill.check_flags(config)  # again: a resumed run's saved --teacher meets the --mixup given now
+    schedule.check_flags(config)  # on this model's own --epochs
+    device = distributed.device_for(config.device)
+    distributed.check_launch(config.batch_size, config.sync_bn, device, len(train.labels))
+    return name, run_dir, checkpoint, config, device
 
 
 if __name__ == "__main__":

@@ -221,6 +221,14 @@ def test_existing_run_is_not_overwritten_by_accident(tmp_path):
     run(tmp_path, "--overwrite")
 
 
+def test_a_flag_refused_for_a_later_model_is_refused_before_the_first_trains(tmp_path):
+    # --swa-epochs 65 fits model_y's default 72 epochs but not model_x's 60.
+    with pytest.raises(cli.UsageError, match="fewer than --epochs 60"):
+        train.main(["--data", "synthetic:20", "--out", str(tmp_path), "--models", "model_y", "model_x",
+                    "--swa-epochs", "65", *QUICK_TRAINING])
+    assert not (tmp_path / "model_y").exists()
+
+
 def learning_rates(run_dir):
     with open(run_dir / "metrics.csv") as file:
         return [float(r["lr"]) for r in csv.DictReader(file)]
