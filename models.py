@@ -141,7 +141,7 @@ class HistogramEqualization(nn.Module):
     cumulative sum and a gather, which run batched on any device and export to ONNX. No weights."""
 
     def forward(self, images):
-        levels = images.detach().mul(255).round().clamp(0, 255).long().flatten(1)
+        levels = images.mul(255).round().clamp(0, 255).long().flatten(1)
         # float32 whatever the input's precision: fp16 counts stop being exact above 2048 pixels.
         counts = images.new_zeros(levels.shape[0], 256, dtype=torch.float).scatter_add_(
             1, levels, images.new_ones(levels.shape, dtype=torch.float))

@@ -383,7 +383,7 @@ def train_models(args, given, invocation):
     signal.signal(signal.SIGTERM, request_stop)
     runs = [checked_run(name, args, given, invocation, train) for name in args.models]  # before any trains
     teachers = {}  # --teacher's probabilities by (files, TTA, device, precision): made once for the models sharing them
-    for name, run_dir, checkpoint, config, device in runs:
+    for name, (run_dir, checkpoint, config, device) in zip(args.models, runs):
         key = (tuple(config.teacher or ()), config.teacher_tta, device, resolve_precision(config.precision, device))
         if key not in teachers:
             teachers[key] = distill.teacher_probabilities(config.teacher, train, config.teacher_tta, device, key[3])
@@ -391,7 +391,7 @@ def train_models(args, given, invocation):
 
 
 def checked_run(name, args, given, invocation, train):
-    """(name, run folder, checkpoint to resume or None, settings, device) for one model, after every check
+    """(run folder, checkpoint to resume or None, settings, device) for one model, after every check
     on its own settings: run for each model before the first trains, so that a flag refused for the last
     model does not wait behind hours of training the others."""
     run_dir = Path(args.out) / name
@@ -403,7 +403,7 @@ def checked_run(name, args, given, invocation, train):
     schedule.check_flags(config)  # on this model's own --epochs
     device = distributed.device_for(config.device)
     distributed.check_launch(config.batch_size, config.sync_bn, device, len(train.labels))
-    return name, run_dir, checkpoint, config, device
+    return run_dir, checkpoint, config, device
 
 
 if __name__ == "__main__":

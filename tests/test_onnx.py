@@ -84,10 +84,10 @@ def test_onnx_runtime_matches_pytorch_fp32(random_ensemble, exported, batch, tta
 
 
 def test_a_member_that_equalises_its_input_exports_and_matches_pytorch(tmp_path):
-    random_ensemble = save_random_ensemble(tmp_path / "runs", ["model_e"], [1.0])
-    export_onnx(random_ensemble, tmp_path / "weights")
+    ensemble_file = save_random_ensemble(tmp_path / "runs", ["model_e"], [1.0])
+    export_onnx(ensemble_file, tmp_path / "weights")
     images = faces(7)
-    torch_probs = inference.Predictor.from_ensemble(random_ensemble, "flip", device="cpu", precision="fp32") \
+    torch_probs = inference.Predictor.from_ensemble(ensemble_file, "flip", device="cpu", precision="fp32") \
         .predict_faces(images)
     onnx_probs = inference.Predictor.from_onnx(tmp_path / "weights" / "ensemble.onnx", "flip", threads=1) \
         .predict_faces(images)
