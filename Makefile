@@ -29,8 +29,8 @@ demo: install
 	$(PY) evaluate.py --runs $(DEMO_OUT) --out $(DEMO_OUT)/evaluation --refit
 	@echo "These accuracies are on the built-in synthetic faces' test split: they show that training and"
 	@echo "evaluation work end to end on this machine, not how well the models read real faces (README, Results)."
-	$(PY) synthetic.py --out $(DEMO_OUT)/synthetic_samples.png
-	$(PY) synthetic.py --face happy --out $(DEMO_OUT)/happy_face.png
+	$(PY) -m ferkit.synthetic --out $(DEMO_OUT)/synthetic_samples.png
+	$(PY) -m ferkit.synthetic --face happy --out $(DEMO_OUT)/happy_face.png
 	@echo "The shipped ensemble (weights/, trained on real FER-2013 faces) on one drawn face: a working path, not a score."
 	$(PY) predict.py $(DEMO_OUT)/happy_face.png --no-detect --ensemble weights/ensemble.json
 

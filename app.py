@@ -27,10 +27,10 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image, UnidentifiedImageError
 
-import cli
-import synthetic
-import video
-from inference import PRETRAINED, TTA_CHOICES, Predictor, annotate, choose_models, log, open_image
+from ferkit import cli
+from ferkit import synthetic
+from ferkit import video
+from ferkit.inference import PRETRAINED, TTA_CHOICES, Predictor, annotate, choose_models, log, open_image
 
 MAX_FILE_SIZE = "10mb"  # larger uploads are refused by Gradio before they reach the models
 EXAMPLES_DIR = Path("runs/app-examples")  # ignored by git: the examples are drawn at start-up, never committed

@@ -27,8 +27,8 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
-import synthetic
-from files import safe_filename, write_atomic
+from ferkit import synthetic
+from ferkit.files import safe_filename, write_atomic
 
 IMAGE_SIZE = 48
 DEFAULT_CACHE_DIR = Path(os.environ.get("FER_CACHE_DIR", Path(__file__).resolve().parent / ".cache"))

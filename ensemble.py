@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import minimize
 
-from cli import UsageError
-from files import write_text_atomic
+from ferkit.cli import UsageError
+from ferkit.files import write_text_atomic
 
 # The test-time augmentations inference.tta_views knows; an ensemble.json records the one it was fitted with.
 TTA_CHOICES = ["none", "flip", "tencrop", "tencrop-full"]

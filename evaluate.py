@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from sklearn.metrics import ConfusionMatrixDisplay, classification_report, confusion_matrix, f1_score
 
-import cli
+from ferkit import cli
 import data
 import ensemble
-from files import write_atomic, write_text_atomic
-from inference import PRETRAINED, PRETRAINED_ONNX, TTA_CHOICES, Predictor, align_classes, common_classes, \
+from ferkit.files import write_atomic, write_text_atomic
+from ferkit.inference import PRETRAINED, PRETRAINED_ONNX, TTA_CHOICES, Predictor, align_classes, common_classes, \
     load_members, members_of, predict_probs, unique_names
-from models import pick_device, resolve_precision
+from ferkit.device import pick_device, resolve_precision
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)

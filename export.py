@@ -11,7 +11,7 @@ accuracy is kept unless --force is given: shipped weights are replaced only by a
     python export.py --format onnx          # weights/ensemble.onnx: the whole ensemble as one fp32 graph
     python export.py --format onnx-int8     # and weights/ensemble-int8.onnx, if int8 keeps the accuracy
 
-The ONNX files are described in onnx_ensemble.py; predict.py and evaluate.py run them with --backend onnx.
+The ONNX files are described in onnx_graph.py; predict.py and evaluate.py run them with --backend onnx.
 """
 import argparse
 import json
@@ -22,14 +22,15 @@ import numpy as np
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-import cli
+from ferkit import cli
 import data
 import ensemble
-import onnx_ensemble
-from files import write_atomic
-from inference import MEMBER_FORMAT, METADATA_KEY, PRETRAINED, align_classes, common_classes, load_member, \
+from ferkit import onnx_graph
+from ferkit.files import write_atomic
+from ferkit.inference import MEMBER_FORMAT, METADATA_KEY, PRETRAINED, align_classes, common_classes, load_member, \
     load_members, members_of, predict_probs, unique_names
-from models import load_checkpoint, pick_device, resolve_precision
+from ferkit.checkpoint import load_checkpoint
+from ferkit.device import pick_device, resolve_precision
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 FP16_TOLERANCE = 0.001  # fp16 files only if the ensemble's validation accuracy moves by at most 0.1 point
@@ -101,7 +102,7 @@ def write_member_files(folder, names, checkpoints, dtype):
 
 def onnx_accuracy(path, val, tta, args):
     """Validation accuracy of an ONNX file, run as predict.py --backend onnx runs it."""
-    predictor = onnx_ensemble.OnnxPredictor(path, tta, args.batch_size, args.threads)
+    predictor = onnx_graph.OnnxPredictor(path, tta, args.batch_size, args.threads)
     images, labels, _ = align_classes(val, predictor.classes)
     return ensemble.accuracy(predictor.probabilities(images), labels)
 
@@ -121,7 +122,7 @@ def onnx_source(ensemble_file):
     paths = [path for path, _, _ in members]
     loaded = load_members(paths, "cpu", [sha256 for _, _, sha256 in members])
     weights = np.array([w for _, w, _ in members]) / sum(w for _, w, _ in members)
-    description = onnx_ensemble.Description(common_classes(loaded), weights, unique_names(paths), tta,
+    description = onnx_graph.Description(common_classes(loaded), weights, unique_names(paths), tta,
                                             source["method"], "fp32")
     return loaded, description
 
@@ -140,14 +141,14 @@ def export_onnx(args):
           f"split of {data_source} ({len(val.labels)} images)")
     written = []
     with tempfile.TemporaryDirectory() as scratch:
-        fp32 = Path(scratch) / onnx_ensemble.FP32_NAME
-        onnx_ensemble.export_fp32([m.model for m in members], description, fp32)
+        fp32 = Path(scratch) / onnx_graph.FP32_NAME
+        onnx_graph.export_fp32([m.model for m in members], description, fp32)
         fp32_accuracy = onnx_accuracy(fp32, val, tta, args)
         print(f"fp32: ensemble {100 * fp32_accuracy:.2f}% on validation")
         written.append(copy_into(fp32, out))
         if args.format == "onnx-int8":
-            int8 = Path(scratch) / onnx_ensemble.INT8_NAME
-            onnx_ensemble.quantize_int8(fp32, int8, onnx_ensemble.calibration_images(train.images), scratch)
+            int8 = Path(scratch) / onnx_graph.INT8_NAME
+            onnx_graph.quantize_int8(fp32, int8, onnx_graph.calibration_images(train.images), scratch)
             int8_accuracy = onnx_accuracy(int8, val, tta, args)
             print(f"int8: ensemble {100 * int8_accuracy:.2f}% on validation (fp32 {100 * fp32_accuracy:.2f}%)")
             # rounded: a difference of exactly 0.5 point must not fail on a floating-point last digit
@@ -155,8 +156,8 @@ def export_onnx(args):
                 written.append(copy_into(int8, out))
             else:
                 print(f"int8 is not within {100 * INT8_TOLERANCE:.1f} point of fp32 on validation: "
-                      f"{onnx_ensemble.INT8_NAME} not written")
-    stale = out / onnx_ensemble.INT8_NAME
+                      f"{onnx_graph.INT8_NAME} not written")
+    stale = out / onnx_graph.INT8_NAME
     if stale not in written and stale.is_file():
         stale.unlink()  # quantized from an earlier export: it would not match the new ensemble.onnx
         print(f"removed {stale}, quantized from an earlier export")

@@ -1,4 +1,4 @@
-"""The CNN architectures, their registry, and how to run them on a device and precision.
+"""The CNN architectures and their registry.
 
 Every network takes a batch of 1x48x48 grayscale faces scaled to [0, 1] and returns class logits.
 No input normalisation is needed: each starts with a convolution followed by batch norm (model_e
@@ -6,9 +6,6 @@ equalises each face's histogram first, as a layer of its own).
 Adding an architecture is one function, `@register(epochs=N)`, that builds it for a number of classes:
 train.py's --models, `python models.py` and checkpoint loading then know it by the function's name.
 """
-import contextlib
-import os
-
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -186,65 +183,6 @@ def describe_model(model):
         model(torch.zeros(1, 1, 48, 48, device=device))
     model.train(was_training)
     return {"parameters": params, "macs": counter.get_total_flops() // 2}
-
-
-def pick_device(name="auto"):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def cpu_runs_bf16_natively():
-    """Whether oneDNN has bf16 kernels for this CPU (AVX-512 or AMX). Without them bf16 autocast falls
-    back to slow generic code, many times slower than fp32 (docs/results.md, "Precision on CPUs without
-    bf16"). The check is PyTorch's own private one; where a release drops it, fp32 is the safe answer."""
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(check and check())
-
-
-def resolve_precision(precision, device):
-    """`auto` is bf16 on CPUs with native bf16 kernels (where it trains faster than fp32:
-    benchmarks/speed.py --precision measures by how much) and on CUDA GPUs that support it, fp16 on older
-    CUDA GPUs, and fp32 elsewhere, other CPUs included."""
-    if precision != "auto":
-        return precision
-    if device.type == "cpu":
-        return "bf16" if cpu_runs_bf16_natively() else "fp32"
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
-def autocast(device, precision):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def default_threads():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint dict safely: `weights_only=True` refuses anything that would run code."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # unpickling errors come in many types; all mean the same here
-        raise ValueError(f"cannot load checkpoint {path}: {error}") from error
-
-
-def model_from_checkpoint(checkpoint, device="cpu"):
-    """Rebuild the network a checkpoint was trained with and load its weights, in eval mode."""
-    model = build_model(checkpoint["model_name"], len(checkpoint["classes"]))
-    model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval()
 
 
 def size_table(num_classes=7):

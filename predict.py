@@ -16,11 +16,11 @@ import cv2
 import numpy as np
 import torch
 
-import cli
-import video
+from ferkit import cli
+from ferkit import video
 from data import IMAGE_SIZE
-from files import safe_filename, write_atomic
-from inference import MARGIN, MIN_FACE_PIXELS, PRETRAINED_ONNX, TTA_CHOICES, Predictor, choose_models, crop_face, \
+from ferkit.files import safe_filename, write_atomic
+from ferkit.inference import MARGIN, MIN_FACE_PIXELS, PRETRAINED_ONNX, TTA_CHOICES, Predictor, choose_models, crop_face, \
     draw_faces, face_record, log, open_image
 
 CHUNK_IMAGES = 64  # images decoded and held at once; their faces go through the models together

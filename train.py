@@ -22,17 +22,18 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
-import augment
-import averaging
-import cli
+from ferkit import augment
+from ferkit import averaging
+from ferkit import cli
 import data
-import distill
-import distributed
-import schedule
-from files import write_atomic, write_text_atomic
-from history import plot_curves, write_metrics
-from models import MODELS, autocast, build_model, default_epochs, describe_model, resolve_precision
-from resume import (given_flags, open_run, restore_rank_rng, resume_optimizer, resume_scheduler, resumed_config,
+from ferkit import distill
+from ferkit import distributed
+from ferkit import schedule
+from ferkit.files import write_atomic, write_text_atomic
+from ferkit.history import plot_curves, write_metrics
+from ferkit.device import autocast, resolve_precision
+from models import MODELS, build_model, default_epochs, describe_model
+from ferkit.checkpoint import (given_flags, open_run, restore_rank_rng, resume_optimizer, resume_scheduler, resumed_config,
                     rng_state, saved_data_source, with_provenance)
 
 # Named sets of flag defaults, one per training-time budget on two CPU cores; a flag typed beside --budget

@@ -11,8 +11,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the benchmarks import the repository's modules
 
-from files import write_text_atomic  # noqa: E402  (after the repository is on the path)
-from models import autocast, default_threads, resolve_precision  # noqa: E402
+from ferkit.files import write_text_atomic  # noqa: E402  (after the repository is on the path)
+from ferkit.device import autocast, default_threads, resolve_precision  # noqa: E402
 
 MATMUL_SIZE = 4096  # large enough that the matmul runs at the machine's compute peak, not memory speed
 CPU_PRECISION = resolve_precision("auto", torch.device("cpu"))  # what train.py trains in on this CPU

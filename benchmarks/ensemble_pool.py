@@ -18,10 +18,10 @@ import torch
 from common import ROOT, machine, publish
 
 import data  # noqa: E402  (common puts the repository on the path)
-from cli import PRECISIONS  # noqa: E402
+from ferkit.cli import PRECISIONS  # noqa: E402
 from ensemble import DEFAULT_TTA, TTA_CHOICES, accuracy, weighted_average  # noqa: E402
-from inference import align_classes, common_classes, load_member, predict_probs  # noqa: E402
-from models import resolve_precision  # noqa: E402
+from ferkit.inference import align_classes, common_classes, load_member, predict_probs  # noqa: E402
+from ferkit.device import resolve_precision  # noqa: E402
 
 
 def named_path(text):

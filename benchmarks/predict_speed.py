@@ -19,11 +19,11 @@ import torch
 
 from common import machine, peak_text, publish, timings
 
-import cli  # noqa: E402  (common put the repository on the path)
-import inference  # noqa: E402
-import onnx_ensemble  # noqa: E402
-import synthetic  # noqa: E402
-from inference import TTA_CHOICES  # noqa: E402
+from ferkit import cli  # noqa: E402  (common put the repository on the path)
+from ferkit import inference  # noqa: E402
+from ferkit import onnx_graph  # noqa: E402
+from ferkit import synthetic  # noqa: E402
+from ferkit.inference import TTA_CHOICES  # noqa: E402
 
 IMAGE_SIZE = (640, 480)
 FACE_SIZE = 160
@@ -40,7 +40,7 @@ def build_parser():
     p.add_argument("--onnx", default=None, metavar="PATH",
                    help="ensemble.onnx (export.py --format onnx) for an ONNX Runtime fp32 row; unset: no ONNX rows")
     p.add_argument("--onnx-int8", default=None, metavar="PATH",
-                   help=f"int8 file for an ONNX Runtime int8 row; unset: {onnx_ensemble.INT8_NAME} beside --onnx, "
+                   help=f"int8 file for an ONNX Runtime int8 row; unset: {onnx_graph.INT8_NAME} beside --onnx, "
                         "if it exists")
     p.add_argument("--out", default="runs/benchmarks/predict_speed.json", help="JSON file for the figures")
     add_video_flags(p)
@@ -106,7 +106,7 @@ def backend_predictors(args, members):
     files given (or found beside --onnx) on ONNX Runtime's CPU execution provider."""
     rows = [(f"torch {precision}", inference.Predictor(members, "none", args.device, precision, args.batch_size))
             for precision in ("bf16", "fp32")]
-    beside = Path(args.onnx).with_name(onnx_ensemble.INT8_NAME) if args.onnx else None
+    beside = Path(args.onnx).with_name(onnx_graph.INT8_NAME) if args.onnx else None
     int8 = args.onnx_int8 or (beside if beside and beside.is_file() and beside != Path(args.onnx) else None)
     for path in [args.onnx, int8]:
         if path:
@@ -182,8 +182,8 @@ def main(argv=None):
 # The --video part: predict.py's video path (video.py), stage by stage, on a synthetic clip.
 import tempfile  # noqa: E402  (the --video part's imports, kept with it)
 
-import synthetic_video  # noqa: E402
-import video  # noqa: E402
+from ferkit import synthetic_video  # noqa: E402
+from ferkit import video  # noqa: E402
 
 VIDEO_FPS = 30.0
 VIDEO_STAGES = {"decode": "decode: read and decode a frame",

@@ -23,14 +23,15 @@ from torchvision import datasets, transforms as T
 
 from common import MATMUL_SIZE, ROOT, machine, matmul_peak, publish, timings
 
-import augment  # noqa: E402  (common put the repository on the path)
-import cli  # noqa: E402
+from ferkit import augment  # noqa: E402  (common put the repository on the path)
+from ferkit import cli  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
-import inference  # noqa: E402
-import synthetic  # noqa: E402
+from ferkit import inference  # noqa: E402
+from ferkit import synthetic  # noqa: E402
 import train  # noqa: E402
-from models import MODELS, build_model, describe_model, pick_device, resolve_precision  # noqa: E402
+from ferkit.device import pick_device, resolve_precision  # noqa: E402
+from models import MODELS, build_model, describe_model  # noqa: E402
 
 TRAIN = train.build_parser().parse_args([])  # train.py's defaults: batch size, SGD, augmentation, threads
 EVAL_BATCH = evaluate.build_parser().get_default("batch_size")
@@ -188,7 +189,7 @@ def compare_training(name, split, folder, device, precision, windows, batches):
 
 def inference_speed(name, val, device, precision, eval_repeats, latency_repeats):
     """inference.predict_probs (tta none) on the whole val split, and on one image, as evaluate.py runs it."""
-    model = build_model(name, len(val.classes)).to(device).eval()  # as models.model_from_checkpoint builds it
+    model = build_model(name, len(val.classes)).to(device).eval()  # as checkpoint.model_from_checkpoint builds it
     seconds = statistics.median(timings(
         lambda: inference.predict_probs(model, val.images, "none", EVAL_BATCH, precision), eval_repeats))
     latency = statistics.median(timings(

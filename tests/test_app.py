@@ -22,11 +22,11 @@ if importlib.util.find_spec("gradio") is None:  # find_spec: gradio must not be 
     pytest.skip("the browser demo's packages are missing: pip install -r requirements-app.txt",
                 allow_module_level=True)
 import app  # noqa: E402  before anything imports gradio: app turns gradio's analytics off first
-import cli  # noqa: E402
-import inference  # noqa: E402
+from ferkit import cli  # noqa: E402
+from ferkit import inference  # noqa: E402
 import predict  # noqa: E402
-import synthetic  # noqa: E402
-import video  # noqa: E402
+from ferkit import synthetic  # noqa: E402
+from ferkit import video  # noqa: E402
 
 CHROMIUM = next(filter(None, map(shutil.which, ["chromium", "chromium-browser", "google-chrome"])), None)
 INSTALL_BROWSER = ("install Chromium to run it: apt-get install -y chromium (Debian; .ci/run does this), and "

@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import SHARED_FER, write_class_tree, write_image
 
-import augment
+from ferkit import augment
 import data
-import synthetic
+from ferkit import synthetic
 
 FER7 = ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
 

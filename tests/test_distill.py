@@ -3,12 +3,12 @@ learns what its teacher says."""
 import pytest
 import torch
 
-import cli
-import distill
+from ferkit import cli
+from ferkit import distill
 import train
 from conftest import QUICK_TRAINING
 from data import load_train_val
-from inference import load_member, predict_probs
+from ferkit.inference import load_member, predict_probs
 from models import build_model
 
 SYNTHETIC = "synthetic:20"

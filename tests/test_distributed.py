@@ -13,12 +13,12 @@ import pytest
 import torch
 from conftest import QUICK_TRAINING, ROOT
 
-import cli
+from ferkit import cli
 import data
-import distributed
-import inference
+from ferkit import distributed
+from ferkit import inference
 import models
-import resume
+from ferkit.checkpoint import load_checkpoint, model_from_checkpoint, restore_rank_rng, rng_state
 import train
 
 EPOCHS = 3
@@ -66,7 +66,7 @@ def test_two_process_run_writes_one_run_that_loads_in_one_process(two_process_ru
     run_dir, output = two_process_run
     assert [int(r["epoch"]) for r in rows(run_dir)] == list(range(1, EPOCHS + 1))  # each epoch once
     assert output.count(f"epoch {EPOCHS}/{EPOCHS}:") == 1 and output.count("data: ") == 1  # rank 0 alone prints
-    last = models.load_checkpoint(run_dir / "last.pt")
+    last = load_checkpoint(run_dir / "last.pt")
     assert not [key for key in last["model"] if key.startswith("module.")]
     assert len(last["rank_rng"]) == 1 and last["config"]["batch_size"] == 32  # rank 1's generators; global batch
     assert json.loads((run_dir / "config.json").read_text())["processes"] == 2
@@ -80,7 +80,7 @@ def test_validation_counts_every_image_once(two_process_run):
     process on the whole split, scores what the 2-process run recorded."""
     run_dir, _ = two_process_run
     _, val = data.load_train_val("synthetic:40")
-    model = models.model_from_checkpoint(models.load_checkpoint(run_dir / "last.pt"))
+    model = model_from_checkpoint(load_checkpoint(run_dir / "last.pt"))
     loss, accuracy = train.evaluate_split(model, val.images, val.labels, torch.device("cpu"), "fp32", True, 32)
     recorded = rows(run_dir)[-1]
     assert loss == pytest.approx(float(recorded["val_loss"]), abs=2e-5)
@@ -137,14 +137,14 @@ def test_sigterm_on_one_rank_stops_every_rank_saves_once_and_one_process_resumes
     outputs = [finish(process, timeout=60) for process in processes]
     assert [process.returncode for process in processes] == [130, 130], outputs
     assert outputs[0].count("interrupted at epoch") == 1 and "interrupted" not in outputs[1]
-    saved = models.load_checkpoint(tmp_path / "model_y" / "last.pt")
+    saved = load_checkpoint(tmp_path / "model_y" / "last.pt")
     progress = saved["progress"]
     assert 1 <= progress["epoch"] < 200 and len(saved["rank_rng"]) == 1
     # The interrupted 2-process run (mid-epoch, most likely), finished by one process.
     train.main(["--resume", "--out", str(tmp_path), "--models", "model_y", "--threads", "1",
                 "--epochs", str(progress["epoch"] + 1)])
     assert [int(r["epoch"]) for r in rows(tmp_path / "model_y")] == list(range(1, progress["epoch"] + 2))
-    last = models.load_checkpoint(tmp_path / "model_y" / "last.pt")
+    last = load_checkpoint(tmp_path / "model_y" / "last.pt")
     assert last["progress"]["epoch"] == progress["epoch"] + 1 and last["rank_rng"] == []
 
 
@@ -245,11 +245,11 @@ def test_each_rank_draws_its_own_random_numbers_reproducibly():
     assert len(seeds) == 8 and distributed.rank_seed(7, 3) == distributed.rank_seed(7, 3)
     assert distributed.rank_seed(8, 1) != distributed.rank_seed(7, 1)
     # A rank the saved run did not have: a fresh stream from (seed, rank, epoch, batch), the same every time.
-    checkpoint = {"rng": resume.rng_state(torch.device("cpu"), torch.Generator()), "rank_rng": [],
+    checkpoint = {"rng": rng_state(torch.device("cpu"), torch.Generator()), "rank_rng": [],
                   "progress": {"epoch": 3, "batch": 2}}
     draws = []
     for _ in range(2):
         generator = torch.Generator()
-        resume.restore_rank_rng(checkpoint, 1, 7, torch.device("cpu"), generator)
+        restore_rank_rng(checkpoint, 1, 7, torch.device("cpu"), generator)
         draws.append(torch.rand(3, generator=generator))
     assert torch.equal(*draws)

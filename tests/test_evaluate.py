@@ -8,11 +8,11 @@ import torch
 from conftest import QUICK_TRAINING
 from PIL import Image
 
-import cli
+from ferkit import cli
 import ensemble
 import evaluate
-import inference
-import synthetic
+from ferkit import inference
+from ferkit import synthetic
 import train
 
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import cli
+from ferkit import cli
 import ensemble
 import evaluate
 import export
-import inference
+from ferkit import inference
 import predict
-import synthetic
+from ferkit import synthetic
 
 
 @pytest.fixture(scope="module")

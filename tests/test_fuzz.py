@@ -25,7 +25,7 @@ from PIL import Image
 import data
 import ensemble
 import predict
-from cli import UsageError
+from ferkit.cli import UsageError
 
 # {reader: Counter of outcomes}: the examples each reader was fuzzed with, printed by the last test so
 # that CI output shows how many ran and that they did not all end the same way.

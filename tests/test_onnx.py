@@ -10,15 +10,15 @@ import onnx
 import pytest
 import torch
 
-import cli
+from ferkit import cli
 import ensemble
 import evaluate
 import export
-import inference
+from ferkit import inference
 import models
-import onnx_ensemble
+from ferkit import onnx_graph
 import predict
-import synthetic
+from ferkit import synthetic
 
 WEIGHTS = [0.4, 0.6]
 
@@ -211,7 +211,7 @@ def test_int8_is_written_only_within_tolerance(random_ensemble, tmp_path, monkey
     export_onnx(random_ensemble, tmp_path, "onnx-int8")
     printed = capsys.readouterr().out
     assert "fp32: ensemble" in printed and "int8: ensemble" in printed
-    int8 = tmp_path / onnx_ensemble.INT8_NAME
+    int8 = tmp_path / onnx_graph.INT8_NAME
     predictor = inference.Predictor.from_onnx(int8)
     assert predictor.precision == "int8" and predictor.classes == synthetic.CLASSES
     assert any(node.op_type == "QuantizeLinear" for node in onnx.load(str(int8)).graph.node)
@@ -220,16 +220,16 @@ def test_int8_is_written_only_within_tolerance(random_ensemble, tmp_path, monkey
 
     monkeypatch.setattr(export, "INT8_TOLERANCE", -1.0)  # never within: refused, and the earlier file removed
     export_onnx(random_ensemble, tmp_path, "onnx-int8")
-    assert f"{onnx_ensemble.INT8_NAME} not written" in capsys.readouterr().out
+    assert f"{onnx_graph.INT8_NAME} not written" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ensemble.onnx"]
 
 
 def test_calibration_images_are_a_seeded_choice_of_training_images():
     train = torch.arange(500 * 48 * 48, dtype=torch.int64).remainder(256).to(torch.uint8).reshape(500, 1, 48, 48)
-    chosen = onnx_ensemble.calibration_images(train)
-    assert chosen.shape == (onnx_ensemble.CALIBRATION_IMAGES, 1, 48, 48) and chosen.dtype == np.float32
-    np.testing.assert_array_equal(chosen, onnx_ensemble.calibration_images(train))
-    assert len(onnx_ensemble.calibration_images(train[:20])) == 20
+    chosen = onnx_graph.calibration_images(train)
+    assert chosen.shape == (onnx_graph.CALIBRATION_IMAGES, 1, 48, 48) and chosen.dtype == np.float32
+    np.testing.assert_array_equal(chosen, onnx_graph.calibration_images(train))
+    assert len(onnx_graph.calibration_images(train[:20])) == 20
 
 
 def test_the_torch_path_does_not_import_onnx():

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import cli
-import inference
+from ferkit import cli
+from ferkit import inference
 import predict
-import synthetic
+from ferkit import synthetic
 from conftest import SHARED_FER
 
 

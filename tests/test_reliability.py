@@ -16,10 +16,10 @@ import torch
 from conftest import QUICK_TRAINING, ROOT, write_class_tree, write_image
 from PIL import Image
 
-import cli
+from ferkit import cli
 import data
 import evaluate
-import files
+from ferkit import files
 import train
 
 TINY = ["--data", "synthetic:5", *QUICK_TRAINING]

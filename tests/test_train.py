@@ -6,10 +6,11 @@ import pytest
 import torch
 from conftest import QUICK_TRAINING
 
-import cli
-import inference
+from ferkit import cli
+from ferkit import inference
 import models
-import resume
+from ferkit import device
+from ferkit.checkpoint import given_flags, model_from_checkpoint, resumed_config
 import train
 
 
@@ -52,10 +53,10 @@ def test_stochastic_depth_skips_blocks_only_in_training_and_holds_no_weights():
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
 def test_auto_precision_takes_bf16_only_on_cpus_with_native_bf16_kernels(monkeypatch, native, expected):
-    monkeypatch.setattr(models, "cpu_runs_bf16_natively", lambda: native)
+    monkeypatch.setattr(device, "cpu_runs_bf16_natively", lambda: native)
     cpu = torch.device("cpu")
-    assert models.resolve_precision("auto", cpu) == expected
-    assert models.resolve_precision("bf16", cpu) == "bf16" and models.resolve_precision("fp32", cpu) == "fp32"
+    assert device.resolve_precision("auto", cpu) == expected
+    assert device.resolve_precision("bf16", cpu) == "bf16" and device.resolve_precision("fp32", cpu) == "fp32"
 
 
 def test_unknown_model_lists_known_ones():
@@ -116,7 +117,7 @@ def test_checkpoints_load_with_weights_only_and_hold_the_run(tmp_path):
         assert {"model", "optimizer", "scheduler", "rng", "config", "metrics", "progress"} <= set(checkpoint)
         assert checkpoint["config"]["seed"] == 0
     assert torch.load(run_dir / "last.pt", weights_only=True)["progress"]["epoch"] == 2
-    model = models.model_from_checkpoint(torch.load(run_dir / "best.pt", weights_only=True))
+    model = model_from_checkpoint(torch.load(run_dir / "best.pt", weights_only=True))
     assert model(torch.rand(2, 1, 48, 48)).shape == (2, 7)
     assert (run_dir / "config.json").exists()
 
@@ -267,7 +268,7 @@ def test_each_model_has_its_own_epochs_unless_epochs_is_given():
     assert {train.with_model_epochs(given, name).epochs for name in models.MODELS} == {5}
     assert "model_x 60, model_y 72" in " ".join(parser.format_help().split())
     # A run started with --epochs 5 and resumed without it keeps its 5, not the model's default.
-    resumed = resume.resumed_config(parser.parse_args(["--resume"]), resume.given_flags(parser, ["--resume"]),
+    resumed = resumed_config(parser.parse_args(["--resume"]), given_flags(parser, ["--resume"]),
                                     {"config": vars(given)})
     assert train.with_model_epochs(resumed, "model_y").epochs == 5
 
@@ -286,8 +287,8 @@ def test_a_budget_sets_defaults_that_typed_flags_override():
 def test_given_flags_are_told_apart_from_defaults_by_parsing():
     parser = train.build_parser()
     argv = ["--resume", "--lr", "0.03", "--no-nesterov", "--models", "model_y", "--batch-size", "128"]
-    assert resume.given_flags(parser, argv) == {"resume", "lr", "nesterov", "models", "batch_size"}
-    assert resume.given_flags(parser, []) == set()
+    assert given_flags(parser, argv) == {"resume", "lr", "nesterov", "models", "batch_size"}
+    assert given_flags(parser, []) == set()
     assert parser.parse_args([]).lr == 0.03  # the probe's missing defaults do not leak into the parser
 
 
@@ -325,7 +326,7 @@ def test_a_registered_architecture_is_one_function(tmp_path, monkeypatch, capsys
     assert "tiny 2" in " ".join(train.build_parser().format_help().split())
     train.main(["--data", "synthetic:5", "--out", str(tmp_path), "--models", "tiny", *QUICK_TRAINING])
     assert len(learning_rates(tmp_path / "tiny")) == 2  # its own default epochs
-    model = models.model_from_checkpoint(torch.load(tmp_path / "tiny" / "best.pt", weights_only=True))
+    model = model_from_checkpoint(torch.load(tmp_path / "tiny" / "best.pt", weights_only=True))
     assert model(torch.rand(2, 1, 48, 48)).shape == (2, 7)
 
 

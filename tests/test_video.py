@@ -10,12 +10,12 @@ import cv2
 import numpy as np
 import pytest
 
-import cli
-import inference
+from ferkit import cli
+from ferkit import inference
 import predict
-import synthetic
-import synthetic_video
-import video
+from ferkit import synthetic
+from ferkit import synthetic_video
+from ferkit import video
 
 FPS, FRAMES = 25.0, 30
 REAL_CAPTURE = cv2.VideoCapture

@@ -25,10 +25,10 @@ import cv2
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-import cli
-from cli import UsageError
-from files import safe_filename
-from inference import MARGIN, crop_face, face_record, log
+from ferkit import cli
+from ferkit.cli import UsageError
+from ferkit.files import safe_filename
+from ferkit.inference import MARGIN, crop_face, face_record, log
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv"}
 OUTPUT_FOURCC, OUTPUT_SUFFIX = "MJPG", ".avi"  # every OpenCV build writes it; each frame decodes on its own

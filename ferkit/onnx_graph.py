@@ -6,7 +6,7 @@ weights inside the graph. The class list, the weights, the member names and the 
 fitted with are in the model's metadata_props. TTA stays outside the graph: `OnnxPredictor` makes the
 views, as the torch path does, so a caller can choose none, flip or tencrop for the same file.
 
-    from inference import Predictor
+    from ferkit.inference import Predictor
     predictor = Predictor.from_onnx("weights/ensemble.onnx")    # the file's own TTA unless tta= is given
     predictor.predict("photo.jpg")
 
@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from cli import UsageError
+from ferkit.cli import UsageError
 from data import IMAGE_SIZE
-from files import write_atomic
-from inference import TTA_CHOICES, Predictor, tta_views
+from ferkit.files import write_atomic
+from ferkit.inference import TTA_CHOICES, Predictor, tta_views
 
 FORMAT = "fer-onnx-1"
 FP32_NAME, INT8_NAME = "ensemble.onnx", "ensemble-int8.onnx"

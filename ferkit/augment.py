@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-import cli
+from ferkit import cli
 
 # The measured defaults (see README, "Accuracy"); add_flags makes each a train.py flag.
 DEFAULTS = dict(hflip=0.5, vflip=0.0, rotation=10.0, crop_scale=0.8, brightness=0.2, contrast=0.2,

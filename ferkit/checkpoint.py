@@ -1,4 +1,4 @@
-"""Continuing an interrupted training run: whether the run folder's checkpoint fits, the settings the
+"""Loading a training checkpoint safely, and continuing an interrupted run: whether the run folder's checkpoint fits, the settings the
 run continues with (the saved ones, overridden by the flags given now, with every command that trained
 it), and putting the optimizer, scheduler and random-number generators back where they were."""
 import argparse
@@ -8,9 +8,26 @@ from pathlib import Path
 
 import torch
 
-from cli import UsageError
-from distributed import derived_seed
-from models import load_checkpoint
+from ferkit.cli import UsageError
+from ferkit.distributed import derived_seed
+from models import build_model
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint dict safely: `weights_only=True` refuses anything that would run code."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # unpickling errors come in many types; all mean the same here
+        raise ValueError(f"cannot load checkpoint {path}: {error}") from error
+
+
+def model_from_checkpoint(checkpoint, device="cpu"):
+    """Rebuild the network a checkpoint was trained with and load its weights, in eval mode."""
+    model = build_model(checkpoint["model_name"], len(checkpoint["classes"]))
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval()
 
 
 def open_run(name, args, classes, run_dir):

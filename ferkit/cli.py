@@ -5,8 +5,8 @@ import shutil
 import sys
 
 from data import DataError
-from files import write_text_atomic
-from models import default_threads
+from ferkit.files import write_text_atomic
+from ferkit.device import default_threads
 
 PRECISIONS = ["auto", "bf16", "fp16", "fp32"]
 

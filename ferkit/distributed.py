@@ -16,8 +16,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from cli import UsageError
-from models import pick_device
+from ferkit.cli import UsageError
+from ferkit.device import pick_device
 
 
 def launched():
@@ -61,7 +61,7 @@ def check_launch(batch_size, sync_bn, device, train_images=None):
 
 def device_for(choice):
     """This process's device for --device `choice`: under a launch, a GPU is cuda:LOCAL_RANK (choose
-    the GPUs with CUDA_VISIBLE_DEVICES); otherwise what models.pick_device says."""
+    the GPUs with CUDA_VISIBLE_DEVICES); otherwise what device.pick_device says."""
     device = pick_device(choice)
     if not launched():
         return device

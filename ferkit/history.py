@@ -5,7 +5,7 @@ import io
 
 import matplotlib
 
-from files import write_atomic, write_text_atomic
+from ferkit.files import write_atomic, write_text_atomic
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)

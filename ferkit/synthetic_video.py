@@ -6,7 +6,7 @@ cascade was trained on photographs and finds these cartoon faces only now and th
 import cv2
 import numpy as np
 
-import synthetic
+from ferkit import synthetic
 
 BACKGROUND = 40
 BORDER = 3  # pixels of the white frame around the face

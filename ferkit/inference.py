@@ -3,11 +3,11 @@ the benchmarks: loading ensemble members (training checkpoints or the shipped sa
 choosing which models to use, test-time-augmentation views, batched probabilities, finding and
 cropping faces, and `Predictor`, the Python API:
 
-    from inference import Predictor
+    from ferkit.inference import Predictor
     predictor = Predictor.pretrained()          # the ensemble shipped in weights/
     predictor.predict("photo.jpg")              # [{"box": ..., "top": ..., "probabilities": ...}] per face
     predictor.predict_faces(face_48x48)         # probabilities [N, classes], no detection
-    Predictor.from_onnx("weights/ensemble.onnx") # the same, run by ONNX Runtime (onnx_ensemble.py)
+    Predictor.from_onnx("weights/ensemble.onnx") # the same, run by ONNX Runtime (onnx_graph.py)
 """
 import json
 import sys
@@ -23,14 +23,15 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 import ensemble
-from cli import UsageError
+from ferkit.cli import UsageError
 from data import IMAGE_SIZE, check_pixel_limit, to_grayscale
-from files import safe_filename
-from models import MODELS, autocast, build_model, load_checkpoint, model_from_checkpoint, pick_device, \
-    resolve_precision
+from ferkit.files import safe_filename
+from ferkit.checkpoint import load_checkpoint, model_from_checkpoint
+from ferkit.device import autocast, pick_device, resolve_precision
+from models import MODELS, build_model
 
 TTA_CHOICES = ensemble.TTA_CHOICES
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 PRETRAINED = WEIGHTS_DIR / "ensemble.json"
 PRETRAINED_ONNX = WEIGHTS_DIR / "ensemble.onnx"  # export.py --format onnx; run by Predictor.from_onnx
 METADATA_KEY = "fer_member"  # safetensors metadata entry: JSON with the format, architecture and class list
@@ -332,7 +333,7 @@ class Predictor:
     def from_onnx(cls, path=PRETRAINED_ONNX, tta=None, batch_size=128, threads=None):
         """The ensemble graph written by export.py --format onnx, run by ONNX Runtime on CPU, with the TTA
         recorded in the file unless tta= is given."""
-        from onnx_ensemble import OnnxPredictor  # imported here: it imports this module
+        from ferkit.onnx_graph import OnnxPredictor  # imported here: it imports this module
         return OnnxPredictor(path, tta, batch_size, threads)
 
     @property

@@ -5,8 +5,8 @@ probabilities say how ambiguous each face is, which a one-hot label cannot."""
 import torch
 import torch.nn.functional as F
 
-import cli
-from inference import TTA_CHOICES, Predictor
+from ferkit import cli
+from ferkit.inference import TTA_CHOICES, Predictor
 
 
 def add_flags(p):

@@ -2,7 +2,7 @@
 work, and the torch.optim scheduler they make. A scheduler steps once per epoch."""
 import torch
 
-import cli
+from ferkit import cli
 
 
 def add_flags(p):

@@ -9,7 +9,7 @@ training batches instead of being averaged along with the weights.
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
-import distributed
+from ferkit import distributed
 
 # Training batches that re-measure batch-norm statistics: enough for stable means and variances of
 # every channel, few enough to cost a small part of an epoch.
