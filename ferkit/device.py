@@ -4,6 +4,8 @@ import os
 
 import torch
 
+CPU_BF16_OVERRIDE = "FER_CPU_BF16"
+
 
 def pick_device(name="auto"):
     if name != "auto":
@@ -18,7 +20,14 @@ def pick_device(name="auto"):
 def cpu_runs_bf16_natively():
     """Whether oneDNN has bf16 kernels for this CPU (AVX-512 or AMX). Without them bf16 autocast falls
     back to slow generic code, many times slower than fp32 (docs/results.md, "Precision on CPUs without
-    bf16"). The check is PyTorch's own private one; where a release drops it, fp32 is the safe answer."""
+    bf16"). The check is PyTorch's own private one; where a release drops it, fp32 is the safe answer.
+    FER_CPU_BF16=1 or 0 in the environment overrides the check, so that the test suite can be run with
+    `--precision auto` resolving either way on any CPU."""
+    forced = os.environ.get(CPU_BF16_OVERRIDE, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise ValueError(f"{CPU_BF16_OVERRIDE}={forced!r}: set it to 1 (bf16) or 0 (fp32), or unset it")
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return bool(check and check())
 
