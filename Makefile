@@ -1,5 +1,5 @@
 # The README's two commands: `make demo` (install, train both models briefly on the built-in
-# synthetic faces, evaluate, then predict on a synthetic face with the shipped weights) and `make test`
+# synthetic faces, evaluate, then predict on a real photograph with the shipped weights) and `make test`
 # (install, run the test suite). `make app` serves the browser demo (app.py) on http://127.0.0.1:7860.
 PYTHON ?= python3
 VENV := .venv
@@ -30,9 +30,8 @@ demo: install
 	@echo "These accuracies are on the built-in synthetic faces' test split: they show that training and"
 	@echo "evaluation work end to end on this machine, not how well the models read real faces (README, Results)."
 	$(PY) -m ferkit.synthetic --out $(DEMO_OUT)/synthetic_samples.png
-	$(PY) -m ferkit.synthetic --face happy --out $(DEMO_OUT)/happy_face.png
-	@echo "The shipped ensemble (weights/, trained on real FER-2013 faces) on one drawn face: a working path, not a score."
-	$(PY) predict.py $(DEMO_OUT)/happy_face.png --no-detect --ensemble weights/ensemble.json
+	@echo "The shipped ensemble (weights/, trained on real FER-2013 faces) on a real photograph (examples/README.md):"
+	$(PY) predict.py examples/astronaut.jpg --out $(DEMO_OUT)
 
 test: install install-app
 	$(PY) -m pytest -q tests
