@@ -1,7 +1,7 @@
 """A browser demo: upload or paste a photo, or use the webcam, and see every face's emotions.
 
     python app.py                                   # http://127.0.0.1:7860 with the shipped weights/
-    python app.py --ensemble runs/evaluation/ensemble.json --port 7861
+    python app.py --runs runs --port 7861           # your own models (or --ensemble, --checkpoints)
     make app                                        # installs requirements-app.txt first
 
 A photo's answer comes from inference.annotate, the code behind predict.py; webcam frames go through
@@ -16,6 +16,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # gradio reads it on
 
 import argparse
 import copy
+import shutil
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,13 +28,13 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image, UnidentifiedImageError
 
-from ferkit import cli
-from ferkit import synthetic
-from ferkit import video
-from ferkit.inference import PRETRAINED, TTA_CHOICES, Predictor, annotate, choose_models, log, open_image
+from ferkit import cli, synthetic, video
+from ferkit.inference import TTA_CHOICES, Predictor, annotate, choose_models, log, open_image
 
 MAX_FILE_SIZE = "10mb"  # larger uploads are refused by Gradio before they reach the models
 EXAMPLES_DIR = Path("runs/app-examples")  # ignored by git: the examples are drawn at start-up, never committed
+PHOTO = Path(__file__).resolve().parent / "examples" / "astronaut.jpg"  # public domain: examples/README.md
+FACE_SIZED_SIDE = 128  # an image this small where no face is found is most likely a face crop itself
 CHART_FACES = 6  # panels in the chart; the details list every face
 SHOWN_SIDE = 1600  # the annotated image is sent back at most this large: a 9000-pixel PNG takes seconds
 WEBCAM_EVERY = 0.2  # seconds between webcam frames sent: about what one busy CPU core keeps up with
@@ -49,8 +50,7 @@ class BadUpload(Exception):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    cli.add_model_flags(p, unset="the shipped weights/ensemble.json, else predict.py's order "
-                                "(runs/evaluation/ensemble.json, then runs/**/best.pt)")
+    cli.add_model_flags(p)
     p.add_argument("--tta", default=None, choices=TTA_CHOICES, help="the page's first choice; unset: the ensemble's")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on; 0.0.0.0 opens it to the network")
     p.add_argument("--port", type=cli.positive(int), default=7860, help="port to serve on")
@@ -62,13 +62,11 @@ def build_parser():
 def load_predictors(args):
     """({TTA: Predictor}, the TTA to offer first). The copies share the loaded networks and differ in .tta
     only, so one visitor's choice never changes what another visitor's request runs with."""
-    # A demo shows the shipped ensemble, not whatever half-trained run lies in runs/; choose_models
-    # would try runs/ first, so the shipped file is named unless the user named something.
-    shipped = PRETRAINED if not (args.checkpoints or args.ensemble) and PRETRAINED.is_file() else None
-    members, recorded_tta, source = choose_models(args.checkpoints, args.ensemble or shipped)
-    predictor = Predictor(members, "none", args.device, args.precision, args.batch_size)
-    log(f"models from {source}: {', '.join(map(str, predictor.paths))}")
-    return tta_variants(predictor), args.tta or recorded_tta or "none"
+    choice = choose_models(args.checkpoints, args.ensemble, args.runs)
+    log(f"models from {choice.source}: {', '.join(str(m.path) for m in choice.members)}")
+    predictor = Predictor.from_choice(choice, "none", device=args.device, precision=args.precision,
+                                      batch_size=args.batch_size)
+    return tta_variants(predictor), args.tta or choice.tta or "none"
 
 
 def tta_variants(predictor):
@@ -80,9 +78,10 @@ def tta_variants(predictor):
 
 
 def make_examples(folder):
-    """Example rows [image, no detection], drawn by synthetic.py: the project ships no photographs of people.
-    The cascade misses the happy face (an example for 'no detection'); the group's largest face is not
-    the leftmost, so the chart's order differs from the image's."""
+    """Example rows [image, no detection]: synthetic faces drawn by synthetic.py, and a real photograph
+    (copied beside them, so that the page serves them all from one folder). The cascade misses the happy
+    face (an example for 'no detection'); the group's largest face is not the leftmost, so the chart's
+    order differs from the image's."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     synthetic.save_face(folder / "happy.png", "happy")
@@ -95,8 +94,9 @@ def make_examples(folder):
         group.paste(face, (x, (group.height - side) // 2))
         x += side + 20
     group.save(folder / "group.png")
+    shutil.copyfile(PHOTO, folder / PHOTO.name)
     return [[str(folder / "happy.png"), True], [str(folder / "surprise.png"), False],
-            [str(folder / "group.png"), False]]
+            [str(folder / "group.png"), False], [str(folder / PHOTO.name), False]]
 
 
 def read_upload(upload):
@@ -146,6 +146,9 @@ def analyse(predictors, upload, tta, no_detect):
         gr.Warning(str(problem))
         return None, None, str(problem), []
     picture, faces = annotate(predictors[tta], image, detect=not no_detect)
+    whole = not faces and not no_detect and max(image.size) <= FACE_SIZED_SIDE
+    if whole:
+        picture, faces = annotate(predictors[tta], image, detect=False)
     picture.thumbnail((SHOWN_SIDE, SHOWN_SIDE))  # boxes and labels are drawn at full size, then scaled with it
     seconds = time.perf_counter() - started
     if not faces:
@@ -153,9 +156,17 @@ def analyse(predictors, upload, tta, no_detect):
                   "tick 'No detection'.")
         gr.Warning(status)
         return picture, None, status, []
+    return picture, chart(faces), status_line(faces, seconds, whole, image.size), faces
+
+
+def status_line(faces, seconds, whole, size):
+    """The Photo tab's line for an answer with faces; whole: no face was found, so the image of `size` was
+    classified as one face."""
+    if whole:
+        return (f"No face found, and the image is face-sized ({size[0]}x{size[1]}): classified whole, as one "
+                f"face, in {seconds:.2f} s")
     more = f"; the chart shows the largest {CHART_FACES}" if len(faces) > CHART_FACES else ""
-    status = f"{len(faces)} face{'s' if len(faces) > 1 else ''} found in {seconds:.2f} s{more}"
-    return picture, chart(faces), status, faces
+    return f"{len(faces)} face{'s' if len(faces) > 1 else ''} found in {seconds:.2f} s{more}"
 
 
 def webcam_frame(predictors, frame, session, tta, no_detect):
@@ -165,16 +176,11 @@ def webcam_frame(predictors, frame, session, tta, no_detect):
     if frame is None:
         return None, session, ""
     started = time.perf_counter()
-    session = session or {"tracks": [], "next_id": 1, "frame": 0, "next_detection": 0}
+    session = session or video.new_session()
     predictor = predictors[tta]
-    options = SimpleNamespace(no_detect=no_detect, detect_side=video.DETECT_SIDE, smoothing=video.SMOOTHING)
-    gray = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
-    if session["frame"] >= session["next_detection"]:
-        boxes = video.find_boxes(predictor, gray, options)
-        session["tracks"], session["next_id"], changed = video.follow(session["tracks"], boxes, session["next_id"])
-        session["next_detection"] = session["frame"] + (1 if changed else video.DETECT_EVERY)
-    session["frame"] += 1
-    video.classify(predictor, gray, session["tracks"], options)
+    options = SimpleNamespace(no_detect=no_detect, detect_side=video.DETECT_SIDE, detect_every=video.DETECT_EVERY,
+                              smoothing=video.SMOOTHING)
+    video.track_faces(predictor, cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY), session, options)
     picture = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)  # video.py draws in OpenCV's colour order
     for track in session["tracks"]:
         video.draw_track(picture, track, predictor.classes)
@@ -199,7 +205,7 @@ def build_app(predictors, tta="none", examples=()):
                 with gr.Column():
                     photo = gr.Image(type="filepath", sources=["upload", "clipboard"], label="Photo")
                     button = gr.Button("Find emotions", variant="primary")
-                    shown = gr.Examples(examples, [photo, no_detect], label="Synthetic examples") if examples else None
+                    shown = gr.Examples(examples, [photo, no_detect], label="Examples") if examples else None
                 with gr.Column():
                     annotated = gr.Image(label="Faces found", type="pil", format="png", interactive=False,
                                          elem_id="annotated")

@@ -5,11 +5,17 @@ proportional to validation accuracy, and the weights that minimise validation ne
 log-likelihood over the simplex. The candidate with the best validation accuracy wins (ties go to the
 lower likelihood loss), so the ensemble is never below its best member on validation. Fitting never
 sees the test split.
+
+Also what every format that names an ensemble shares: its `Member` type, the `Description` an ensemble
+gives of itself, and the one check of a class list for ensemble.json, the shipped safetensors members and
+the ONNX files.
 """
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from scipy.optimize import minimize
@@ -23,6 +29,44 @@ TTA_CHOICES = ["none", "flip", "tencrop", "tencrop-full"]
 DEFAULT_TTA = "tencrop-full"
 
 VERSION = 2  # 2: member paths relative to the ensemble file's folder
+
+
+class Member(NamedTuple):
+    """One member of an ensemble, wherever it is named (ensemble.json, --checkpoints, an ONNX export): its
+    file (a training checkpoint or a shipped safetensors file), its weight, and the file's SHA-256 where an
+    ensemble file records it. inference.load_member fills in the rest: the network, its class list, and
+    the data it was trained on (None for shipped files)."""
+    path: Path
+    weight: float = 1.0
+    sha256: str = None
+    model: object = None
+    classes: list = None
+    data: str = None
+
+
+class Description(NamedTuple):
+    """What an ensemble says about itself: in an ONNX file's metadata, and in every Predictor."""
+    classes: list
+    weights: np.ndarray  # normalised to sum to one
+    members: list  # the members' names (inference.unique_names)
+    tta: str  # the test-time augmentation the weights were fitted with
+    method: str  # how the weights were chosen
+    precision: str
+
+
+def classes_problem(classes):
+    """What makes `classes` not a class list of a shipped format (ensemble.json, a safetensors member, an
+    ONNX file), or None: it must be a non-empty list of distinct names."""
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)
+            and len(set(classes)) == len(classes)):
+        return f"the class list must be a non-empty list of distinct names, not {classes!r}"
+    return None
+
+
+def is_weight(value):
+    """A member's weight: a finite number >= 0. bool is an int to Python, but not a weight; NaN fails the
+    comparison."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value < math.inf
 
 
 def weighted_average(member_probs, weights):
@@ -104,9 +148,8 @@ def record_problem(record):
         return "expected a JSON object"
     if record.get("version") != VERSION:
         return f"version {record.get('version')!r}, expected {VERSION}"
-    classes, members = record.get("classes"), record.get("members")
-    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)
-            and len(set(classes)) == len(classes)):
+    members = record.get("members")
+    if classes_problem(record.get("classes")):
         return '"classes" must be a non-empty list of distinct names'
     if record.get("tta") not in TTA_CHOICES:
         return '"tta" must be one of ' + ", ".join(f'"{choice}"' for choice in TTA_CHOICES)
@@ -118,8 +161,7 @@ def record_problem(record):
             return f'member {number}: "path" must be a string'
         if not (isinstance(sha256, str) and len(sha256) == 64 and set(sha256) <= set("0123456789abcdef")):
             return f'member {number}: "sha256" must be 64 lowercase hex digits, as file_hash writes them'
-        # bool is an int to Python, but not a weight; NaN fails the comparison.
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+        if not is_weight(weight):
             return f'member {number}: "weight" must be a finite number >= 0, not {weight!r}'
     if not any(member["weight"] > 0 for member in members):
         return "every member has weight 0"
@@ -140,9 +182,15 @@ def load_ensemble(path):
     return record
 
 
+def members_of(record, ensemble_path):
+    """Every member of a loaded ensemble record, zero weights too, with its path resolved against the
+    folder of the file it was read from."""
+    folder = Path(ensemble_path).parent
+    return [Member(folder / m["path"], m["weight"], m["sha256"]) for m in record["members"]]
+
+
 def matches(record, ensemble_path, member_paths, tta):
     """True when `record` (read from `ensemble_path`) was fitted for exactly these checkpoint files (by
     content) and this TTA."""
-    folder = Path(ensemble_path).parent
-    saved = [((folder / m["path"]).resolve(), m["sha256"]) for m in record["members"]]
+    saved = [(m.path.resolve(), m.sha256) for m in members_of(record, ensemble_path)]
     return record["tta"] == tta and saved == [(Path(p).resolve(), file_hash(p)) for p in member_paths]

@@ -4,7 +4,7 @@ and a confusion matrix (printed and as a PNG) for each, written to report.json a
     python evaluate.py                                   # every runs/**/best.pt, on its data's test split
     python evaluate.py --data ../shared/data/fer2013 --split val --tta flip
     python evaluate.py --pretrained --data ../shared/data/fer2013 --split val   # the ensemble in weights/
-    python evaluate.py --backend onnx --data ../shared/data/fer2013 --split val # weights/ensemble.onnx, ONNX Runtime
+    python evaluate.py --backend onnx --data ../shared/data/fer2013 --split val # the runs' ensemble on ONNX Runtime
 """
 import argparse
 import json
@@ -15,13 +15,14 @@ import numpy as np
 import torch
 from sklearn.metrics import ConfusionMatrixDisplay, classification_report, confusion_matrix, f1_score
 
-from ferkit import cli
 import data
 import ensemble
-from ferkit.files import write_atomic, write_text_atomic
-from ferkit.inference import PRETRAINED, PRETRAINED_ONNX, TTA_CHOICES, Predictor, align_classes, common_classes, \
-    load_members, members_of, predict_probs, unique_names
+from ensemble import Member
+from ferkit import cli, onnx_graph
 from ferkit.device import pick_device, resolve_precision
+from ferkit.files import write_atomic, write_text_atomic
+from ferkit.inference import PRETRAINED, TTA_CHOICES, Predictor, align_classes, choose_models, common_classes, \
+    load_members, log, predict_probs, unique_names, weighted_members
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
@@ -34,7 +35,8 @@ def build_parser():
                         help="checkpoint files to evaluate; unset: every best.pt under --runs")
     source.add_argument("--pretrained", action="store_true",
                         help=f"evaluate the shipped ensemble ({PRETRAINED}) with its own weights; needs --data")
-    p.add_argument("--runs", default="runs", help="folder searched for best.pt when --checkpoints is unset")
+    p.add_argument("--runs", default="runs", help="folder searched for best.pt when --checkpoints is unset (with "
+                                                   "--backend onnx: its evaluation/ensemble.json first, if OUT has none)")
     p.add_argument("--data", default=None, help="data to evaluate on; unset: the data the first checkpoint was trained on")
     p.add_argument("--split", default="test", choices=list(data.SPLIT_ALIASES), help="split to report on")
     p.add_argument("--tta", default=None, choices=TTA_CHOICES,
@@ -43,13 +45,10 @@ def build_parser():
                         f"twelve); unset: {ensemble.DEFAULT_TTA}, or the shipped ensemble's own with --pretrained")
     p.add_argument("--out", default="runs/evaluation", help="folder for report.json, report.md and the PNGs")
     p.add_argument("--ensemble", default=None,
-                   help="ensemble.json to reuse when it matches the checkpoints; unset: OUT/ensemble.json")
+                   help="ensemble.json to reuse when it matches the checkpoints (with --backend onnx: the ensemble to "
+                        "score); unset: OUT/ensemble.json")
     p.add_argument("--refit", action="store_true", help="refit the ensemble weights even if a matching file exists")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx"],
-                   help="torch: the checkpoints and their ensemble; onnx: the ensemble in the file --onnx, run by ONNX "
-                        "Runtime on CPU and reported as the ensemble (its members are inside the graph); needs --data")
-    p.add_argument("--onnx", default=None, metavar="PATH",
-                   help=f"ONNX file for --backend onnx, written by export.py --format onnx; unset: {PRETRAINED_ONNX}")
+    onnx_graph.add_backend_flags(p)
     # Not larger: on CPUs, bf16 inference runs faster in small batches than in large ones (benchmarks/speed.py).
     cli.add_device_flags(p, batch_size=128, batch_help="evaluation batch size")
     return p
@@ -99,8 +98,8 @@ def markdown_section(name, figures, classes, png):
 
 
 def fitted_ensemble(args, members, names, classes, data_source, precision):
-    """The ensemble weights: reused from an ensemble file fitted for these checkpoints and this TTA,
-    else fitted on the validation split and saved."""
+    """(the weight of each member, the ensemble record): reused from an ensemble file fitted for these
+    checkpoints and this TTA, else fitted on the validation split and saved."""
     ensemble_path = Path(args.ensemble or Path(args.out) / "ensemble.json")
     paths = [m.path for m in members]
     if ensemble_path.exists() and not args.refit:
@@ -108,7 +107,7 @@ def fitted_ensemble(args, members, names, classes, data_source, precision):
             record = ensemble.load_ensemble(ensemble_path)
             if ensemble.matches(record, ensemble_path, paths, args.tta):
                 print(f"reusing ensemble weights from {ensemble_path}")
-                return record
+                return [m.weight for m in ensemble.members_of(record, ensemble_path)], record
         except cli.UsageError as error:
             print(f"note: {error}; fitting the weights again")
     val = data.load_train_val(data_source)[1]
@@ -117,21 +116,20 @@ def fitted_ensemble(args, members, names, classes, data_source, precision):
     fit = ensemble.fit_weights(member_probs, val_labels, names)
     print(f"ensemble weights fitted on {len(val_labels)} validation images ({fit['method']}): "
           + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, fit["weights"])))
-    return ensemble.save_ensemble(ensemble_path, paths, classes, fit, args.tta)
+    return fit["weights"], ensemble.save_ensemble(ensemble_path, paths, classes, fit, args.tta)
 
 
 def chosen_members(args, device):
-    """(members, the shipped ensemble record or None): --pretrained, --checkpoints, or every best.pt."""
+    """(loaded members, the shipped ensemble's record or None): --pretrained (the members that carry weight,
+    checked against their hashes), --checkpoints, or every best.pt under --runs."""
     if args.pretrained:
         record = ensemble.load_ensemble(PRETRAINED)
-        members = members_of(record, PRETRAINED)  # the members that carry weight, checked against their hashes
-        record["members"] = [m for m in record["members"] if m["weight"] > 0]
-        return load_members([p for p, _, _ in members], device, [h for _, _, h in members]), record
+        return load_members(weighted_members(record, PRETRAINED), device), record
     paths = [Path(p) for p in args.checkpoints] if args.checkpoints else sorted(Path(args.runs).glob("**/best.pt"))
     if not paths:
         raise cli.UsageError(f"no checkpoints found: looked for {args.runs}/**/best.pt. Train first (python "
                              "train.py), pass --checkpoints, or evaluate the shipped ensemble with --pretrained.")
-    return load_members(paths, device), None
+    return load_members([Member(path) for path in paths], device), None
 
 
 def load_split(data_source, split):
@@ -141,24 +139,48 @@ def load_split(data_source, split):
         raise cli.UsageError(f"{error}. Choose another --split or --data.") from error
 
 
+def onnx_choice(args):
+    """The models whose graph --backend onnx scores, chosen as the torch backend would: --pretrained: the
+    shipped ensemble; --checkpoints: those, equally weighted; else the fitted ensemble (--ensemble, else
+    OUT/ensemble.json where it exists), else --runs' models."""
+    if args.pretrained:
+        return choose_models(ensemble_file=PRETRAINED)
+    fitted = Path(args.out) / "ensemble.json"
+    return choose_models(args.checkpoints, args.ensemble or (fitted if fitted.is_file() else None), args.runs)
+
+
+def onnx_predictor(args):
+    """(the Predictor --backend onnx scores: the file --onnx, or the chosen models' cached graph; the data
+    to score it on, None where neither --data nor the models say)."""
+    named = [flag for flag, given in (("--checkpoints", args.checkpoints), ("--pretrained", args.pretrained),
+                                      ("--ensemble", args.ensemble)) if given]
+    onnx_graph.check_backend_flags(args.backend, args.onnx, named)
+    if args.onnx:
+        return Predictor.from_onnx(args.onnx, args.tta, args.batch_size, args.threads), args.data
+    choice = onnx_choice(args)
+    log(f"models from {choice.source}: {', '.join(str(m.path) for m in choice.members)}")
+    loaded = load_members(choice.members, "cpu")
+    tta = args.tta or choice.tta or ensemble.DEFAULT_TTA
+    predictor = Predictor.as_onnx(loaded, tta, choice.method, args.batch_size, args.threads)
+    return predictor, args.data or loaded[0].data
+
+
 def evaluate_onnx(args):
-    """--backend onnx: the ONNX file's ensemble on the split, as report["ensemble"]."""
-    if args.checkpoints or args.pretrained:
-        raise cli.UsageError("--backend onnx evaluates one ONNX file (--onnx): leave out --checkpoints and --pretrained")
-    predictor = Predictor.from_onnx(args.onnx or PRETRAINED_ONNX, args.tta, args.batch_size, args.threads)
-    if args.data is None:
+    """--backend onnx: the ensemble's graph on the split, as report["ensemble"]."""
+    predictor, data_source = onnx_predictor(args)
+    if data_source is None:
         raise cli.UsageError("--backend onnx: pass --data with the images to score the ONNX ensemble on")
-    args.tta, split = predictor.tta, load_split(args.data, args.split)
-    print(f"evaluating the ONNX ensemble {predictor.path} ({predictor.precision}) on {args.data} [{args.split}], "
+    args.tta, split, about = predictor.tta, load_split(data_source, args.split), predictor.about
+    print(f"evaluating the ONNX ensemble {predictor.files[0]} ({about.precision}) on {data_source} [{args.split}], "
           f"{len(split.labels)} images, test-time augmentation: {args.tta}")
     images, labels, left_out = align_classes(split, predictor.classes)
     probs = predictor.probabilities(images)
-    figures = {"onnx": str(predictor.path), "precision": predictor.precision, "method": predictor.method,
-               "weights": dict(zip(predictor.member_names, predictor.weights.tolist())), "evaluated": len(labels),
+    figures = {"onnx": str(predictor.files[0]), "precision": about.precision, "method": about.method,
+               "weights": dict(zip(about.members, about.weights.tolist())), "evaluated": len(labels),
                "left_out": left_out, **classification_figures(probs, labels, predictor.classes)}
-    report = {"data": str(args.data), "split": args.split, "tta": args.tta, "backend": "onnx", "models": {},
+    report = {"data": str(data_source), "split": args.split, "tta": args.tta, "backend": "onnx", "models": {},
               "ensemble": figures}
-    return write_report(args, args.data, report, [("ensemble", figures, predictor.classes, labels, probs)])
+    return write_report(args, data_source, report, [("ensemble", figures, predictor.classes, labels, probs)])
 
 
 def main(argv=None):
@@ -166,8 +188,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if args.backend == "onnx":
         return evaluate_onnx(args)
-    if args.onnx:
-        raise cli.UsageError(f"--onnx {args.onnx} is used by --backend onnx: add --backend onnx")
+    onnx_graph.check_backend_flags(args.backend, args.onnx, [])
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
     members, shipped = chosen_members(args, device)
@@ -179,7 +200,6 @@ def main(argv=None):
     split = load_split(data_source, args.split)
     print(f"evaluating {len(members)} model(s) on {data_source} [{args.split}], {len(split.labels)} images, "
           f"test-time augmentation: {args.tta}")
-
     report = {"data": str(data_source), "split": args.split, "tta": args.tta, "models": {}}
     sections, member_probs = [], []
     for name, member in zip(names, members):
@@ -190,11 +210,10 @@ def main(argv=None):
                    **classification_figures(probs, labels, member.classes)}
         report["models"][name] = figures
         sections.append((name, figures, member.classes, labels, probs))
-
     if len(members) > 1:
         classes = common_classes(members)
-        record = shipped or fitted_ensemble(args, members, names, classes, data_source, precision)
-        weights = [m["weight"] for m in record["members"]]
+        weights, record = ([m.weight for m in members], shipped) if shipped else \
+            fitted_ensemble(args, members, names, classes, data_source, precision)
         probs = ensemble.weighted_average(member_probs, weights)
         figures = {"weights": dict(zip(names, weights)), "method": record["method"],
                    "val_accuracy": record["val_accuracy"], "evaluated": len(labels), "left_out": left_out,

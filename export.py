@@ -22,15 +22,15 @@ import numpy as np
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from ferkit import cli
 import data
 import ensemble
-from ferkit import onnx_graph
-from ferkit.files import write_atomic
-from ferkit.inference import MEMBER_FORMAT, METADATA_KEY, PRETRAINED, align_classes, common_classes, load_member, \
-    load_members, members_of, predict_probs, unique_names
+from ensemble import Member
+from ferkit import cli, onnx_graph
 from ferkit.checkpoint import load_checkpoint
 from ferkit.device import pick_device, resolve_precision
+from ferkit.files import write_atomic
+from ferkit.inference import MEMBER_FORMAT, METADATA_KEY, PRETRAINED, Predictor, align_classes, describe, \
+    load_members, predict_probs, unique_names, weighted_members
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 FP16_TOLERANCE = 0.001  # fp16 files only if the ensemble's validation accuracy moves by at most 0.1 point
@@ -82,7 +82,7 @@ def training_record(checkpoints, args):
 
 def score(files, weights, val, tta, args, device, precision):
     """Validation accuracy of each member file and of their weighted average."""
-    members = [load_member(path, device) for path in files]
+    members = load_members([Member(path) for path in files], device)
     images, labels, _ = align_classes(val, members[0].classes)
     probs = [predict_probs(m.model, images, tta, args.batch_size, precision) for m in members]
     average = ensemble.weighted_average(probs, weights)
@@ -102,7 +102,7 @@ def write_member_files(folder, names, checkpoints, dtype):
 
 def onnx_accuracy(path, val, tta, args):
     """Validation accuracy of an ONNX file, run as predict.py --backend onnx runs it."""
-    predictor = onnx_graph.OnnxPredictor(path, tta, args.batch_size, args.threads)
+    predictor = Predictor.from_onnx(path, tta, args.batch_size, args.threads)
     images, labels, _ = align_classes(val, predictor.classes)
     return ensemble.accuracy(predictor.probabilities(images), labels)
 
@@ -118,13 +118,8 @@ def onnx_source(ensemble_file):
     """(the members that carry weight, loaded from checkpoints or safetensors files, in fp32 on CPU; their
     Description, with weights normalised)."""
     source = ensemble.load_ensemble(ensemble_file)
-    members, tta = members_of(source, ensemble_file), source["tta"]
-    paths = [path for path, _, _ in members]
-    loaded = load_members(paths, "cpu", [sha256 for _, _, sha256 in members])
-    weights = np.array([w for _, w, _ in members]) / sum(w for _, w, _ in members)
-    description = onnx_graph.Description(common_classes(loaded), weights, unique_names(paths), tta,
-                                            source["method"], "fp32")
-    return loaded, description
+    members = load_members(weighted_members(source, ensemble_file), "cpu")
+    return members, describe(members, source["tta"], source.get("method", "unknown"), "fp32")
 
 
 def export_onnx(args):
@@ -164,53 +159,67 @@ def export_onnx(args):
     return written
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.format != "safetensors":
-        return export_onnx(args)
-    device = pick_device(args.device)
-    precision = resolve_precision(args.precision, device)
-    source = ensemble.load_ensemble(args.ensemble)
-    members, tta = members_of(source, args.ensemble), source["tta"]  # the members that carry weight
+def training_checkpoints(members):
+    """The members' training checkpoints: export.py makes shipped files from best.pt files, which record
+    how they were trained, not from shipped files."""
     checkpoints = []
-    for path, _, _ in members:
+    for member in members:
         try:
-            checkpoints.append(load_checkpoint(path))
+            checkpoints.append(load_checkpoint(member.path))
         except ValueError as error:
             raise cli.UsageError(f"{error}. export.py takes the training checkpoints (best.pt) that "
                                  "evaluate.py fitted") from error
-    weights = np.array([w for _, w, _ in members]) / sum(w for _, w, _ in members)
-    names = unique_names([path for path, _, _ in members])
-    data_source = args.data or checkpoints[0]["config"]["data"]
-    val = data.load_train_val(data_source)[1]
-    print(f"exporting {len(members)} member(s) of {args.ensemble} (tta {tta}), scored on the validation split of "
-          f"{data_source} ({len(val.labels)} images)")
+    return checkpoints
 
+
+def chosen_dtype(args, names, checkpoints, weights, val, tta):
+    """(the storage type to write, its scores): fp32 and --dtype are both written to scratch files and
+    scored on validation, and --dtype is kept only within FP16_TOLERANCE of fp32's ensemble accuracy."""
+    device = pick_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    scores = {}
     with tempfile.TemporaryDirectory() as scratch:
-        scores = {}
         for dtype in dict.fromkeys(["fp32", args.dtype]):
             (Path(scratch) / dtype).mkdir()
             files = write_member_files(Path(scratch) / dtype, names, checkpoints, DTYPES[dtype])
             scores[dtype] = score(files, weights, val, tta, args, device, precision)
             print(f"{dtype}: members " + ", ".join(f"{n} {100 * a:.2f}%" for n, a in zip(names, scores[dtype][0]))
                   + f"; ensemble {100 * scores[dtype][1]:.2f}%")
-    dtype = args.dtype
-    if abs(scores[dtype][1] - scores["fp32"][1]) > FP16_TOLERANCE:
-        print(f"{dtype} changes the ensemble's validation accuracy by more than 0.1 point: writing fp32")
-        dtype = "fp32"
-    member_accuracies, val_accuracy, val_nll = scores[dtype]
+    if abs(scores[args.dtype][1] - scores["fp32"][1]) > FP16_TOLERANCE:
+        print(f"{args.dtype} changes the ensemble's validation accuracy by more than 0.1 point: writing fp32")
+        return "fp32", scores["fp32"]
+    return args.dtype, scores[args.dtype]
 
+
+def keep_better_shipped(shipped, val_accuracy):
+    """UsageError when the shipped ensemble.json scores higher on validation than the one to be written."""
+    if not shipped.is_file():
+        return
+    try:
+        current = ensemble.load_ensemble(shipped)["val_accuracy"]
+    except cli.UsageError:
+        return
+    if current is not None and current > val_accuracy:
+        raise cli.UsageError(f"{shipped} scores {100 * current:.2f}% on validation, this ensemble "
+                             f"{100 * val_accuracy:.2f}%: kept. Pass --force to replace it anyway.")
+
+
+def export_safetensors(args):
+    """--format safetensors: the members as OUT/*.safetensors and OUT/ensemble.json."""
+    source = ensemble.load_ensemble(args.ensemble)
+    members, tta = weighted_members(source, args.ensemble), source["tta"]
+    checkpoints = training_checkpoints(members)
+    weights = np.array([m.weight for m in members]) / sum(m.weight for m in members)
+    names = unique_names([m.path for m in members])
+    data_source = args.data or checkpoints[0]["config"]["data"]
+    val = data.load_train_val(data_source)[1]
+    print(f"exporting {len(members)} member(s) of {args.ensemble} (tta {tta}), scored on the validation split of "
+          f"{data_source} ({len(val.labels)} images)")
+    dtype, (member_accuracies, val_accuracy, val_nll) = chosen_dtype(args, names, checkpoints, weights, val, tta)
     out = Path(args.out)
     shipped = out / "ensemble.json"
-    if shipped.is_file() and not args.force:
-        try:
-            current = ensemble.load_ensemble(shipped)["val_accuracy"]
-        except cli.UsageError:
-            current = None
-        if current is not None and current > val_accuracy:
-            raise cli.UsageError(f"{shipped} scores {100 * current:.2f}% on validation, this ensemble "
-                                 f"{100 * val_accuracy:.2f}%: kept. Pass --force to replace it anyway.")
+    if not args.force:
+        keep_better_shipped(shipped, val_accuracy)
     out.mkdir(parents=True, exist_ok=True)
     files = write_member_files(out, names, checkpoints, DTYPES[dtype])
     for stale in set(out.glob("*.safetensors")) - set(files):
@@ -224,6 +233,12 @@ def main(argv=None):
     size = sum(p.stat().st_size for p in [shipped, *files])
     print(f"wrote {shipped} and {len(files)} member file(s), {size / 1e6:.1f} MB in all; ensemble "
           f"{100 * val_accuracy:.2f}% on validation with tta {tta}")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return export_onnx(args) if args.format != "safetensors" else export_safetensors(args)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Predict the facial expression of every face in images: find the faces with OpenCV's Haar cascade,
 crop each to 48x48 grayscale as in training, and classify it with the trained ensemble.
 
-    python predict.py photo.jpg                     # your trained models, else the ensemble shipped in weights/
+    python predict.py photo.jpg                     # the ensemble shipped in weights/
+    python predict.py photo.jpg --runs runs         # your own: runs/evaluation/ensemble.json, else runs/**/best.pt
     python predict.py photos/ --out annotated/ --json
     python predict.py fer_faces/ --no-detect        # already-cropped faces, one per image
-    python predict.py photo.jpg --backend onnx      # weights/ensemble.onnx (export.py --format onnx), ONNX Runtime
+    python predict.py photo.jpg --backend onnx      # the same ensemble on ONNX Runtime (its graph built on first use)
     python predict.py clip.mp4 --out annotated/ --json   # videos and --camera N: see video.py
 """
 import argparse
@@ -16,12 +17,11 @@ import cv2
 import numpy as np
 import torch
 
-from ferkit import cli
-from ferkit import video
 from data import IMAGE_SIZE
-from ferkit.files import safe_filename, write_atomic
-from ferkit.inference import MARGIN, MIN_FACE_PIXELS, PRETRAINED_ONNX, TTA_CHOICES, Predictor, choose_models, crop_face, \
-    draw_faces, face_record, log, open_image
+from ferkit import cli, onnx_graph, video
+from ferkit.files import write_atomic
+from ferkit.inference import MIN_FACE_PIXELS, TTA_CHOICES, Predictor, annotated_path, choose_models, draw_faces, log, \
+    open_image
 
 CHUNK_IMAGES = 64  # images decoded and held at once; their faces go through the models together
 SMALL_IMAGE_HINT = "; if this small image is an already-cropped face, pass --no-detect"
@@ -39,13 +39,8 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print one JSON object per image instead of a table")
     p.add_argument("--tta", default=None, choices=TTA_CHOICES,
                    help="test-time augmentation; unset: the ensemble's recorded one, none for --checkpoints")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx"],
-                   help="torch: the models chosen by --checkpoints/--ensemble; onnx: the single-file ensemble --onnx, "
-                        "run by ONNX Runtime on CPU (--device and --precision apply to torch only)")
-    p.add_argument("--onnx", default=None, metavar="PATH",
-                   help=f"ONNX file for --backend onnx, written by export.py --format onnx (or onnx-int8); "
-                        f"unset: {PRETRAINED_ONNX}")
-    cli.add_device_flags(p, batch_size=256, batch_help="faces per forward pass")
+    onnx_graph.add_backend_flags(p)
+    cli.add_device_flags(p, batch_size=256, batch_help="images per forward pass, each TTA view counted")
     video.add_video_flags(p)
     return p
 
@@ -68,16 +63,10 @@ def find_images(inputs, skip_folder=None):
     return files, missing
 
 
-def annotated_name(path, root, used):
-    """A unique file name from the image's path below its input folder, with no path separators."""
-    stem = safe_filename(str(path.relative_to(root).with_suffix("")).replace(os.sep, "_"), 70)
+def annotated_image_path(out, path, root, used):
+    """Where the annotated copy of the image `path` goes: JPEG and PNG keep their kind, the rest become PNG."""
     suffix = path.suffix.lower() if path.suffix.lower() in (".jpg", ".jpeg", ".png") else ".png"
-    name, n = stem + suffix, 1
-    while name in used:
-        n += 1
-        name = f"{stem}-{n}{suffix}"
-    used.add(name)
-    return name
+    return annotated_path(out, path, root, used, suffix)
 
 
 def save_annotated(path, image, faces):
@@ -97,50 +86,52 @@ def print_table(record):
 
 
 def process_chunk(chunk, predictor, args, used_names):
-    """Decode, detect and crop every image of the chunk, classify all its faces in one go, report."""
-    decoded, crops, skipped = [], [], []
+    """Decode every image of the chunk and locate its faces, classify all the faces in one go, report."""
+    decoded, located, skipped = [], [], []
     for path, root in chunk:
         try:
             image, gray = open_image(path)
         except Exception as error:  # PIL raises many types for non-images and bad files; each is a skip
             skipped.append(f"{path} ({type(error).__name__})")
             continue
-        boxes = [(0, 0, gray.shape[1], gray.shape[0])] if args.no_detect else predictor.find_faces(gray)
-        crops += [crop_face(gray, box, 0 if args.no_detect else MARGIN) for box in boxes]
-        decoded.append((path, root, image if args.out else None, boxes, min(gray.shape)))
-    probs, start, records = predictor.predict_faces(np.array(crops).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)), 0, []
-    for path, root, image, boxes, side in decoded:
-        faces = [face_record(box, p, predictor.classes, args.top_k) for box, p in zip(boxes, probs[start:])]
-        start += len(boxes)
-        record = {"image": str(path), "faces": faces}
-        if not faces:
-            record["note"] = "no face found" + (SMALL_IMAGE_HINT if side < 4 * MIN_FACE_PIXELS else "")
-        if args.out:
-            record["annotated"] = str(Path(args.out) / annotated_name(path, root, used_names))
-            save_annotated(Path(record["annotated"]), image, faces)
-        if args.json:
-            print(json.dumps(record), flush=True)
-        else:
-            print_table(record)
-        records.append(record)
-    return records, skipped
+        located.append(predictor.locate(gray, detect=not args.no_detect))
+        decoded.append((path, root, image if args.out else None, min(gray.shape)))
+    answers = predictor.answer(located, args.top_k)
+    return [report_image(*image, faces, args, used_names) for image, faces in zip(decoded, answers)], skipped
+
+
+def report_image(path, root, image, side, faces, args, used_names):
+    """One image's record, printed (JSON or a table) and with its annotated copy written if --out is set."""
+    record = {"image": str(path), "faces": faces}
+    if not faces:
+        record["note"] = "no face found" + (SMALL_IMAGE_HINT if side < 4 * MIN_FACE_PIXELS else "")
+    if args.out:
+        record["annotated"] = str(annotated_image_path(args.out, path, root, used_names))
+        save_annotated(Path(record["annotated"]), image, faces)
+    if args.json:
+        print(json.dumps(record), flush=True)
+    else:
+        print_table(record)
+    return record
 
 
 def make_predictor(args):
-    """The Predictor for --backend: torch models from choose_models, or the ONNX file's graph."""
-    if args.backend == "onnx":
-        if args.checkpoints or args.ensemble:
-            raise cli.UsageError("--backend onnx runs one ONNX file (--onnx); --checkpoints and --ensemble name "
-                                 "torch models: leave them out, or export them with python export.py --format onnx")
-        predictor = Predictor.from_onnx(args.onnx or PRETRAINED_ONNX, args.tta, args.batch_size, args.threads)
-        log(f"ONNX ensemble {predictor.path} ({', '.join(predictor.member_names)}; {predictor.precision}, "
+    """The Predictor for --backend: the chosen models (choose_models) run by PyTorch, or as their ONNX graph,
+    or the ONNX file --onnx. Its first line on stderr says which models answer."""
+    named = [f"--{flag}" for flag in ("checkpoints", "ensemble", "runs") if getattr(args, flag)]
+    onnx_graph.check_backend_flags(args.backend, args.onnx, named)
+    if args.onnx:
+        predictor = Predictor.from_onnx(args.onnx, args.tta, args.batch_size, args.threads)
+        log(f"ONNX ensemble {args.onnx} ({', '.join(predictor.about.members)}; {predictor.about.precision}, "
             f"ONNX Runtime CPU); tta {predictor.tta}")
         return predictor
-    if args.onnx:
-        raise cli.UsageError(f"--onnx {args.onnx} is used by --backend onnx: add --backend onnx")
-    members, recorded_tta, source = choose_models(args.checkpoints, args.ensemble)
-    predictor = Predictor(members, args.tta or recorded_tta or "none", args.device, args.precision, args.batch_size)
-    log(f"models from {source}: {', '.join(map(str, predictor.paths))}; tta {predictor.tta}")
+    choice = choose_models(args.checkpoints, args.ensemble, args.runs)
+    tta = args.tta or choice.tta or "none"
+    log(f"models from {choice.source}: {', '.join(str(m.path) for m in choice.members)}; tta {tta}")
+    predictor = Predictor.from_choice(choice, tta, device=args.device, precision=args.precision,
+                                      batch_size=args.batch_size, backend=args.backend, threads=args.threads)
+    if predictor.backend == "onnx":
+        log(f"as the ONNX graph {predictor.files[0]}, run by ONNX Runtime on CPU")
     return predictor
 
 

@@ -18,6 +18,7 @@ import torch
 from common import ROOT, machine, publish
 
 import data  # noqa: E402  (common puts the repository on the path)
+from ferkit import cli  # noqa: E402
 from ferkit.cli import PRECISIONS  # noqa: E402
 from ensemble import DEFAULT_TTA, TTA_CHOICES, accuracy, weighted_average  # noqa: E402
 from ferkit.inference import align_classes, common_classes, load_member, predict_probs  # noqa: E402
@@ -58,7 +59,7 @@ def score_combination(member_probs, labels):
                                                    labels)}
 
 
-def main():
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "fer2013"),
@@ -71,7 +72,12 @@ def main():
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="autocast precision, as evaluate.py's --precision")
     parser.add_argument("--out", default="runs/benchmarks/ensemble_pool.json", help="JSON results file")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
     members = dict(args.members)
     unknown = sorted({name for combo in args.combos for name in combo.split("+")} - set(members))
     if unknown:
@@ -90,4 +96,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -1,29 +1,31 @@
 """Prediction speed benchmark: single-face latency and batch throughput of predict.py's per-face path
 (crop, resize to 48x48, the ensemble's models), without and with Haar face detection on 640x480 images.
 
-    python benchmarks/predict_speed.py                      # runs/evaluation/ensemble.json, else runs/**/best.pt
+    python benchmarks/predict_speed.py                      # the shipped weights/ensemble.json
     python benchmarks/predict_speed.py --checkpoints runs/model_x/best.pt --precision fp32
-    python benchmarks/predict_speed.py --ensemble weights/ensemble.json --onnx weights/ensemble.onnx
+    python benchmarks/predict_speed.py --runs runs --onnx weights/ensemble.onnx
+    python benchmarks/predict_speed.py --video --video-frames 300   # the video path, stage by stage
 
-It trains nothing: it times already-trained checkpoints on synthetic faces pasted on a textured
-background, prints markdown tables, and writes the figures to --out as JSON. The first table is the
-default torch path; the second compares backends: torch bf16 and fp32, and with --onnx, ONNX Runtime
-fp32 and int8 (export.py --format onnx / onnx-int8), each with TTA none and flip.
+It trains nothing: it times already-trained models on synthetic faces pasted on a textured background,
+prints markdown tables, and writes the figures to --out as JSON. The first table is the default torch
+path; the second compares backends: torch bf16 and fp32, ONNX Runtime fp32 (the models' graph as
+predict.py --backend onnx builds it, or the file --onnx) and, with --onnx-int8 or an int8 file beside
+--onnx, int8 (export.py --format onnx-int8), each with TTA none and flip. With --video, it times
+predict.py's video path instead (the flags of "the --video part"), written to --video-out.
 """
 import argparse
 import statistics
+import tempfile
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
 from common import machine, peak_text, publish, timings
 
-from ferkit import cli  # noqa: E402  (common put the repository on the path)
-from ferkit import inference  # noqa: E402
-from ferkit import onnx_graph  # noqa: E402
-from ferkit import synthetic  # noqa: E402
-from ferkit.inference import TTA_CHOICES  # noqa: E402
+from ferkit import cli, inference, onnx_graph, synthetic, synthetic_video, video  # noqa: E402  (common: the path)
+from ferkit.inference import TTA_CHOICES, Predictor, choose_models  # noqa: E402
 
 IMAGE_SIZE = (640, 480)
 FACE_SIZE = 160
@@ -38,10 +40,11 @@ def build_parser():
     p.add_argument("--tta", default=None, choices=TTA_CHOICES, help="unset: the ensemble's recorded one, none otherwise")
     cli.add_device_flags(p, batch_size=256, batch_help="faces per forward pass, as in predict.py")
     p.add_argument("--onnx", default=None, metavar="PATH",
-                   help="ensemble.onnx (export.py --format onnx) for an ONNX Runtime fp32 row; unset: no ONNX rows")
+                   help="ONNX file (export.py --format onnx) for the ONNX Runtime fp32 row; unset: the models' graph, "
+                        "built as predict.py --backend onnx builds it")
     p.add_argument("--onnx-int8", default=None, metavar="PATH",
                    help=f"int8 file for an ONNX Runtime int8 row; unset: {onnx_graph.INT8_NAME} beside --onnx, "
-                        "if it exists")
+                        "if it exists, else no int8 row")
     p.add_argument("--out", default="runs/benchmarks/predict_speed.json", help="JSON file for the figures")
     add_video_flags(p)
     return p
@@ -101,17 +104,20 @@ def measure(predictor, cascade, images, boxes, repeats):
 BACKEND_TTAS = ["none", "flip"]
 
 
-def backend_predictors(args, members):
-    """(row label, predictor) for every backend compared: torch bf16 and fp32 on --device, and the ONNX
-    files given (or found beside --onnx) on ONNX Runtime's CPU execution provider."""
-    rows = [(f"torch {precision}", inference.Predictor(members, "none", args.device, precision, args.batch_size))
-            for precision in ("bf16", "fp32")]
+def backend_predictors(args, choice):
+    """(row label, predictor) for every backend compared: torch bf16 and fp32 on --device; on ONNX Runtime's
+    CPU execution provider, the models' fp32 graph (or --onnx) and the int8 file given or found beside --onnx."""
+    options = dict(batch_size=args.batch_size, threads=args.threads)
+    rows = [(f"torch {precision}", Predictor.from_choice(choice, "none", device=args.device, precision=precision,
+                                                         **options)) for precision in ("bf16", "fp32")]
+    fp32 = Predictor.from_onnx(args.onnx, "none", **options) if args.onnx else \
+        Predictor.from_choice(choice, "none", backend="onnx", **options)
     beside = Path(args.onnx).with_name(onnx_graph.INT8_NAME) if args.onnx else None
     int8 = args.onnx_int8 or (beside if beside and beside.is_file() and beside != Path(args.onnx) else None)
-    for path in [args.onnx, int8]:
-        if path:
-            predictor = inference.Predictor.from_onnx(path, "none", args.batch_size, args.threads)
-            rows.append((f"ONNX Runtime {predictor.precision}", predictor))
+    rows.append(("ONNX Runtime fp32", fp32))
+    if int8:
+        predictor = Predictor.from_onnx(int8, "none", **options)
+        rows.append((f"ONNX Runtime {predictor.about.precision}", predictor))
     return rows
 
 
@@ -161,30 +167,30 @@ def markdown(result):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    inference.cv2.setNumThreads(args.threads)
-    members, recorded_tta, _ = inference.choose_models(args.checkpoints, args.ensemble)
-    predictor = inference.Predictor(members, args.tta or recorded_tta or "none", args.device, args.precision,
-                                    args.batch_size)
+    cv2.setNumThreads(args.threads)
+    choice = choose_models(args.checkpoints, args.ensemble, args.runs)
+    predictor = Predictor.from_choice(choice, args.tta, device=args.device, precision=args.precision,
+                                      batch_size=args.batch_size)
     if args.video:
         return main_video(predictor, args)
     images, boxes = scenes(args.faces)
     figures = measure(predictor, inference.load_cascade(), images, boxes, args.repeats)
     crops = np.stack([inference.crop_face(image, box) for image, box in zip(images, boxes)])
-    backends = [{"backend": label, "file": str(p.paths[0]) if p.backend == "onnx" else None,
-                 **measure_backend(p, crops, args.repeats)} for label, p in backend_predictors(args, members)]
-    result = {"machine": machine(), "threads": args.threads, "device": str(predictor.device),
-              "precision": predictor.precision, "tta": predictor.tta, "models": [str(p) for p in predictor.paths],
-              "weights": predictor.weights.tolist(), "faces": args.faces, "repeats": args.repeats,
-              "figures": {k: round(v, 3) for k, v in figures.items()}, "backends": backends}
+    backends = [{"backend": label, "file": str(p.files[0]) if p.backend == "onnx" else None,
+                 **measure_backend(p, crops, args.repeats)} for label, p in backend_predictors(args, choice)]
+    result = {**described(predictor, args), "faces": args.faces, "repeats": args.repeats,
+              "weights": predictor.about.weights.tolist(), "figures": {k: round(v, 3) for k, v in figures.items()},
+              "backends": backends}
     return publish(result, markdown(result) + "\n\n" + backend_table(result), args.out)
 
 
+def described(predictor, args):
+    """What every result records about the machine and the models it timed."""
+    return {"machine": machine(), "threads": args.threads, "device": str(predictor.device),
+            "precision": predictor.about.precision, "tta": predictor.tta, "models": [str(p) for p in predictor.files]}
+
+
 # The --video part: predict.py's video path (video.py), stage by stage, on a synthetic clip.
-import tempfile  # noqa: E402  (the --video part's imports, kept with it)
-
-from ferkit import synthetic_video  # noqa: E402
-from ferkit import video  # noqa: E402
-
 VIDEO_FPS = 30.0
 VIDEO_STAGES = {"decode": "decode: read and decode a frame",
                 "detect": "detect: grayscale, downscale, Haar cascade on every K-th frame",
@@ -209,8 +215,8 @@ def cascade_or_drawn_frame(find_faces, counts):
     """Predictor.find_faces, falling back on the white frame drawn around the synthetic face where the
     cascade (trained on photographs) finds none: every frame then sends one face through the models, as
     a video of a person would, and the cascade's time still counts."""
-    def find(gray):
-        boxes = find_faces(gray)
+    def find(gray, max_side=inference.DETECT_MAX_SIDE):
+        boxes = find_faces(gray, max_side)
         counts["detections"] += 1
         counts["found_by_cascade"] += bool(boxes)
         return boxes or synthetic_video.find_framed_face(gray)
@@ -218,7 +224,7 @@ def cascade_or_drawn_frame(find_faces, counts):
 
 
 def run_clip(predictor, clip, options, out_path=None):
-    capture = inference.cv2.VideoCapture(str(clip))
+    capture = cv2.VideoCapture(str(clip))
     try:
         return video.process_stream(capture, str(clip), predictor, options, out_path)
     finally:
@@ -260,9 +266,7 @@ def video_markdown(result):
 
 def main_video(predictor, args):
     figures = measure_video(predictor, args)
-    result = {"machine": machine(), "threads": args.threads, "device": str(predictor.device),
-              "precision": predictor.precision, "tta": predictor.tta, "models": [str(p) for p in predictor.paths],
-              "detect_every": args.detect_every, "detect_side": args.detect_side,
+    result = {**described(predictor, args), "detect_every": args.detect_every, "detect_side": args.detect_side,
               "figures": {k: round(v, 3) for k, v in figures.items()}}
     return publish(result, video_markdown(result), args.video_out)
 

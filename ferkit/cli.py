@@ -64,15 +64,18 @@ def add_device_flags(parser, batch_size, batch_help):
     parser.add_argument("--batch-size", type=positive(int), default=batch_size, help=batch_help)
 
 
-def add_model_flags(parser, unset="runs/evaluation/ensemble.json if it exists, else every runs/**/best.pt, "
-                                   "else the shipped weights/ensemble.json"):
-    """--checkpoints or --ensemble: the models a script runs; `unset` says what it uses without either."""
+def add_model_flags(parser):
+    """--checkpoints, --ensemble or --runs: the models a script runs; with none of them, the shipped ensemble."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoints", nargs="+", default=None,
                         help="checkpoint (.pt) or shipped (.safetensors) files, averaged with equal weights (name "
-                             "the inputs first); unset: see --ensemble")
-    source.add_argument("--ensemble", default=None,
-                        help=f"ensemble.json written by evaluate.py or export.py; unset: {unset}")
+                             "the inputs first); unset: see --runs")
+    source.add_argument("--ensemble", default=None, help="ensemble.json written by evaluate.py or export.py; unset: "
+                                                         "see --runs")
+    source.add_argument("--runs", default=None, metavar="DIR",
+                        help="a training folder (train.py --out): its evaluation/ensemble.json if evaluate.py fitted "
+                             "one, else every DIR/**/best.pt with equal weights; unset, with no --checkpoints or "
+                             "--ensemble: the shipped weights/ensemble.json")
 
 
 def run(main):

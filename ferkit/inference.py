@@ -1,15 +1,21 @@
-"""Everything between trained weights and an answer, shared by predict.py, evaluate.py, export.py and
-the benchmarks: loading ensemble members (training checkpoints or the shipped safetensors files),
+"""Everything between trained weights and an answer, shared by predict.py, evaluate.py, export.py, app.py
+and the benchmarks: loading ensemble members (training checkpoints or the shipped safetensors files),
 choosing which models to use, test-time-augmentation views, batched probabilities, finding and
 cropping faces, and `Predictor`, the Python API:
 
     from ferkit.inference import Predictor
-    predictor = Predictor.pretrained()          # the ensemble shipped in weights/
-    predictor.predict("photo.jpg")              # [{"box": ..., "top": ..., "probabilities": ...}] per face
-    predictor.predict_faces(face_48x48)         # probabilities [N, classes], no detection
-    Predictor.from_onnx("weights/ensemble.onnx") # the same, run by ONNX Runtime (onnx_graph.py)
+    predictor = Predictor.pretrained()                  # the ensemble shipped in weights/
+    predictor.predict("photo.jpg")                      # [{"box": ..., "top": ..., "probabilities": ...}] per face
+    predictor.predict_faces(face_48x48)                 # probabilities [N, classes], no detection
+    Predictor.pretrained(backend="onnx")                # the same ensemble as one ONNX graph (onnx_graph.py)
+    Predictor.from_onnx("weights/ensemble.onnx")        # a graph written by export.py --format onnx
+
+A Predictor is one forward function (torch networks, or an ONNX Runtime session) with what every backend
+shares around it: the TTA views, batching, detection, cropping and the answer's format.
 """
+import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -22,21 +28,25 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+import data
 import ensemble
-from ferkit.cli import UsageError
 from data import IMAGE_SIZE, check_pixel_limit, to_grayscale
-from ferkit.files import safe_filename
+from ensemble import Description, Member
+from ferkit import onnx_graph
 from ferkit.checkpoint import load_checkpoint, model_from_checkpoint
+from ferkit.cli import UsageError
 from ferkit.device import autocast, pick_device, resolve_precision
+from ferkit.files import safe_filename
 from models import MODELS, build_model
 
 TTA_CHOICES = ensemble.TTA_CHOICES
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 PRETRAINED = WEIGHTS_DIR / "ensemble.json"
-PRETRAINED_ONNX = WEIGHTS_DIR / "ensemble.onnx"  # export.py --format onnx; run by Predictor.from_onnx
 METADATA_KEY = "fer_member"  # safetensors metadata entry: JSON with the format, architecture and class list
 MEMBER_FORMAT = "fer-member-1"
 RESTORE_HINT = "Restore the shipped files with: git checkout weights/"
+MODEL_FLAGS_HINT = ("name your own models with --runs DIR (its evaluation/ensemble.json, else its **/best.pt; "
+                    "python train.py makes them), --ensemble FILE or --checkpoints FILE ...")
 
 CASCADE = "haarcascade_frontalface_default.xml"
 MARGIN = 0.12  # Haar boxes stop at the brows and chin; FER-2013 crops show a little more around them
@@ -44,13 +54,14 @@ MIN_FACE_FRACTION, MIN_FACE_PIXELS = 0.1, 24
 DETECT_MAX_SIDE = 1280  # the cascade's time grows with pixels; faces this tool cares about survive it
 
 
-class Member(NamedTuple):
-    """One loaded network of an ensemble."""
-    name: str
-    path: Path
-    classes: list
-    model: torch.nn.Module
-    data: str  # what it was trained on (None for shipped weights): evaluate.py's default --data
+class Choice(NamedTuple):
+    """The models chosen to answer: their Members, the TTA their weights were fitted with (None where no
+    ensemble file says), where they came from (for the first line a script prints), and how they were
+    weighted."""
+    members: list
+    tta: str
+    source: str
+    method: str
 
 
 def log(message):
@@ -90,7 +101,7 @@ def load_safetensors_member(path):
         architecture, classes = description["architecture"], description["classes"]
         if description["format"] != MEMBER_FORMAT or architecture not in MODELS:
             raise ValueError(f"format {description['format']!r}, architecture {architecture!r}")
-        if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        if ensemble.classes_problem(classes):
             raise ValueError(f"class list {classes!r}")
     except (KeyError, TypeError, ValueError) as error:
         raise UsageError(f"{path} is not an ensemble member written by export.py ({type(error).__name__}: "
@@ -98,86 +109,113 @@ def load_safetensors_member(path):
     return architecture, classes, state
 
 
-def load_member(path, device="cpu", sha256=None):
-    """A Member from a training checkpoint (.pt) or a shipped safetensors file. With `sha256`, a
-    safetensors file must match it before anything is read from it."""
-    path = Path(path)
+def load_shipped(path, sha256, device):
+    """(network, classes) of a shipped safetensors file, which must match `sha256` (if given) before
+    anything is read from it."""
+    if sha256 is not None and ensemble.file_hash(path) != sha256:
+        raise UsageError(f"{path} is not the file its ensemble.json was made with (SHA-256 differs): "
+                         f"changed, truncated or replaced. {RESTORE_HINT}, or re-run export.py.")
+    architecture, classes, state = load_safetensors_member(path)
+    model = build_model(architecture, len(classes))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise UsageError(f"{path} does not fit architecture {architecture}: {error}") from error
+    return model.to(device).eval(), classes
+
+
+def load_trained(path, sha256, device):
+    """(network, classes, the data it was trained on) of a training checkpoint; a checkpoint that changed
+    since its ensemble was fitted is used, with a warning."""
+    if sha256 is not None and ensemble.file_hash(path) != sha256:
+        log(f"warning: {path} changed since its ensemble was fitted; its weight may no longer suit it "
+            "(python evaluate.py --refit fits it again)")
+    try:
+        checkpoint = load_checkpoint(path)
+        model = model_from_checkpoint(checkpoint, device)
+        return model, list(checkpoint["classes"]), checkpoint["config"]["data"]
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise UsageError(f"cannot use checkpoint {path}: {error}") from error
+
+
+def load_member(member, device="cpu"):
+    """`member` (a Member, or the path of one file) with its network, classes and training data filled in,
+    from a training checkpoint (.pt) or a shipped safetensors file."""
+    member = member if isinstance(member, Member) else Member(Path(member))
+    path = Path(member.path)
     if not path.is_file():
         raise UsageError(f"no model file {path}")
     if path.suffix == ".safetensors":
-        if sha256 is not None and ensemble.file_hash(path) != sha256:
-            raise UsageError(f"{path} is not the file its ensemble.json was made with (SHA-256 differs): "
-                             f"changed, truncated or replaced. {RESTORE_HINT}, or re-run export.py.")
-        architecture, classes, state = load_safetensors_member(path)
-        model = build_model(architecture, len(classes))
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as error:
-            raise UsageError(f"{path} does not fit architecture {architecture}: {error}") from error
-        model, data_source = model.to(device).eval(), None
+        model, classes = load_shipped(path, member.sha256, device)
+        data_source = None  # a shipped file does not record what it was trained on
     else:
-        if sha256 is not None and ensemble.file_hash(path) != sha256:
-            log(f"warning: {path} changed since its ensemble was fitted; its weight may no longer suit it "
-                "(python evaluate.py --refit fits it again)")
-        try:
-            checkpoint = load_checkpoint(path)
-            model = model_from_checkpoint(checkpoint, device)
-            classes, data_source = list(checkpoint["classes"]), checkpoint["config"]["data"]
-        except (ValueError, KeyError, RuntimeError) as error:
-            raise UsageError(f"cannot use checkpoint {path}: {error}") from error
-    return Member(member_name(path), path, classes, model.to(memory_format=torch.channels_last), data_source)
+        model, classes, data_source = load_trained(path, member.sha256, device)
+    return member._replace(path=path, model=model.to(memory_format=torch.channels_last), classes=classes,
+                           data=data_source)
 
 
-def load_members(paths, device="cpu", hashes=None):
-    hashes = hashes or [None] * len(paths)
-    return [load_member(path, device, sha256) for path, sha256 in zip(paths, hashes)]
+def load_members(members, device="cpu"):
+    return [load_member(member, device) for member in members]
 
 
 def common_classes(members):
-    """The class list every member shares; UsageError naming each member's list when they differ."""
+    """The class list every loaded member shares; UsageError naming each member's list when they differ."""
     if len({tuple(m.classes) for m in members}) > 1:
         raise UsageError("the models have different class lists, so they cannot be averaged: "
                          + "; ".join(f"{m.path}: {', '.join(m.classes)}" for m in members))
     return list(members[0].classes)
 
 
-def ensemble_members(ensemble_file):
-    """[(path, weight, sha256)] of an ensemble file's members that carry weight, and the TTA it was fitted with."""
-    record = ensemble.load_ensemble(ensemble_file)
-    return members_of(record, ensemble_file), record["tta"]
+def describe(members, tta, method, precision):
+    """The Description of loaded members as one ensemble: weights normalised, names made unique."""
+    weights = np.array([m.weight for m in members], dtype=np.float64)
+    return Description(common_classes(members), weights / weights.sum(), unique_names([m.path for m in members]),
+                       tta, method, precision)
 
 
-def members_of(record, ensemble_file):
-    """[(path, weight, sha256)] of a loaded ensemble record's members that carry weight, with paths resolved
-    against its file's folder; UsageError for a member file that is missing."""
-    folder = Path(ensemble_file).parent
-    members = [(folder / m["path"], m["weight"], m["sha256"]) for m in record["members"] if m["weight"] > 0]
-    for path, _, _ in members:
-        if not path.is_file():
-            raise UsageError(f"{ensemble_file} names {path}, which does not exist. Re-run python evaluate.py to "
-                             "fit the ensemble for the checkpoints you have.")
+def weighted_members(record, ensemble_file):
+    """The Members of a loaded ensemble record that carry weight; UsageError for a member file that is missing."""
+    members = [m for m in ensemble.members_of(record, ensemble_file) if m.weight > 0]
+    for member in members:
+        if not member.path.is_file():
+            raise UsageError(f"{ensemble_file} names {member.path}, which does not exist. Re-run python evaluate.py "
+                             "to fit the ensemble for the checkpoints you have.")
     return members
 
 
-def choose_models(checkpoints=None, ensemble_file=None, runs="runs"):
-    """The models to use, in this order: the ones named; runs/evaluation/ensemble.json; every
-    runs/**/best.pt, equally weighted; the ensemble shipped in weights/.
-    Returns ([(path, weight, sha256 or None)], the recorded TTA or None, where they came from)."""
-    if checkpoints:
-        return [(Path(c), 1 / len(checkpoints), None) for c in checkpoints], None, "--checkpoints"
-    if ensemble_file:
-        return (*ensemble_members(ensemble_file), str(ensemble_file))
+def ensemble_choice(ensemble_file, source):
+    record = ensemble.load_ensemble(ensemble_file)
+    return Choice(weighted_members(record, ensemble_file), record["tta"], source, record.get("method", "unknown"))
+
+
+def equal_weights(paths, source):
+    return Choice([Member(Path(p), 1 / len(paths)) for p in paths], None, source, "equal")
+
+
+def runs_choice(runs):
+    """A training folder's models: its fitted evaluation/ensemble.json, else every **/best.pt, equally weighted."""
     fitted = Path(runs) / "evaluation" / "ensemble.json"
     if fitted.is_file():
-        return (*ensemble_members(fitted), str(fitted))
+        return ensemble_choice(fitted, str(fitted))
     trained = sorted(Path(runs).glob("**/best.pt"))
     if trained:
-        return [(p, 1 / len(trained), None) for p in trained], None, f"{runs}/**/best.pt"
+        return equal_weights(trained, f"{runs}/**/best.pt")
+    raise UsageError(f"no trained models in {runs}: looked for {fitted} and {runs}/**/best.pt. Train first "
+                     f"(python train.py --out {runs}, then python evaluate.py --runs {runs} for the ensemble)")
+
+
+def choose_models(checkpoints=None, ensemble_file=None, runs=None):
+    """The models named (--checkpoints, equally weighted; --ensemble; --runs: see runs_choice), else the
+    ensemble shipped in weights/. A Choice."""
+    if checkpoints:
+        return equal_weights(checkpoints, "--checkpoints")
+    if ensemble_file:
+        return ensemble_choice(ensemble_file, str(ensemble_file))
+    if runs:
+        return runs_choice(runs)
     if PRETRAINED.is_file():
-        return (*ensemble_members(PRETRAINED), f"the shipped ensemble {PRETRAINED}")
-    raise UsageError(f"no trained models found: looked for {fitted}, {runs}/**/best.pt and {PRETRAINED}. Train "
-                     "first (python train.py, then python evaluate.py for the ensemble), pass --checkpoints, or "
-                     "restore the shipped weights with: git checkout weights/")
+        return ensemble_choice(PRETRAINED, f"the shipped ensemble {PRETRAINED}")
+    raise UsageError(f"the shipped ensemble {PRETRAINED} is missing. {RESTORE_HINT}, or {MODEL_FLAGS_HINT}")
 
 
 def align_classes(split, model_classes):
@@ -190,7 +228,7 @@ def align_classes(split, model_classes):
               f"{len(keep)} images")
     if not keep.any():
         raise UsageError(f"none of the data's classes ({', '.join(split.classes)}) is known to the model "
-                             f"({', '.join(model_classes)}); evaluate it on data with those classes.")
+                         f"({', '.join(model_classes)}); evaluate it on data with those classes.")
     labels = np.array([to_model[int(label)] for label in split.labels[keep]], dtype=np.int64)
     return split.images[torch.from_numpy(keep)], labels, int((~keep).sum())
 
@@ -207,20 +245,72 @@ def tta_views(images, tta):
     return [images]
 
 
+def torch_forward(models, weights, precision):
+    """A forward function for batched_probs: float pixels 0..255 [B, 1, 48, 48] on the models' device ->
+    the models' softmax outputs [B, classes], averaged with `weights`."""
+    weights = [float(w) for w in weights]
+
+    def forward(pixels):
+        images = pixels.div(255).contiguous(memory_format=torch.channels_last)  # trained on [0, 1]
+        with autocast(images.device, precision):
+            return sum(w * torch.softmax(model(images).float(), dim=1) for model, w in zip(models, weights))
+    return forward
+
+
 @torch.inference_mode()
-def predict_probs(model, images, tta="none", batch_size=128, precision="fp32"):
-    """Softmax probabilities [N, C] (numpy) for uint8 images [N, 1, 48, 48]."""
-    device = next(model.parameters()).device
+def batched_probs(forward, images, tta="none", batch_size=128, device="cpu"):
+    """Probabilities [N, C] (numpy) for uint8 images [N, 1, 48, 48]: the TTA views of batch_size // views
+    images at a time go through `forward` together, one pass (views stacked), and are averaged per image.
+    Batch norm runs in eval mode, so an image's answer does not depend on the others in its pass."""
+    per_pass = max(1, batch_size // len(tta_views(torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE), tta)))
     outputs = []
-    for start in tqdm(range(0, len(images), batch_size), desc="predicting", unit="batch", leave=False,
+    for start in tqdm(range(0, len(images), per_pass), desc="predicting", unit="batch", leave=False,
                       disable=None if len(images) > 4 * batch_size else True):
-        batch = images[start:start + batch_size].to(device).float().div_(255)
+        batch = images[start:start + per_pass].to(device).float()
         views = tta_views(batch, tta)
-        with autocast(device, precision):
-            probs = sum(torch.softmax(model(v.contiguous(memory_format=torch.channels_last)).float(), dim=1)
-                        for v in views)
-        outputs.append((probs / len(views)).cpu())
+        probs = forward(torch.cat(views)).float().reshape(len(views), len(batch), -1)
+        outputs.append(probs.mean(0).cpu())
     return torch.cat(outputs).numpy()
+
+
+def predict_probs(model, images, tta="none", batch_size=128, precision="fp32"):
+    """One network's softmax probabilities [N, C] (numpy) for uint8 images [N, 1, 48, 48]."""
+    device = next(model.parameters()).device
+    return batched_probs(torch_forward([model], [1.0], precision), images, tta, batch_size, device)
+
+
+def onnx_cache_dir():
+    """Where built ONNX graphs are kept: beside data.py's decode cache (FER_CACHE_DIR moves both)."""
+    return Path(data.DEFAULT_CACHE_DIR) / "onnx"
+
+
+def graph_path(members, classes):
+    """The cache file of loaded members' graph, named by what decides its content: the members' files
+    (by SHA-256), their weights, the classes and the graph format."""
+    total = sum(m.weight for m in members)
+    parts = [[m.sha256 or ensemble.file_hash(m.path), round(m.weight / total, 6)] for m in members]
+    key = hashlib.sha256(json.dumps([onnx_graph.FORMAT, classes, parts]).encode()).hexdigest()[:32]
+    return onnx_cache_dir() / f"{key}.onnx"
+
+
+def build_graph(members, about, path):
+    """Write the fp32 graph of loaded (CPU) members to `path`, atomically: no data, no scoring."""
+    log(f"building the ONNX graph of {', '.join(about.members)} (first use; reused from then on): {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx_graph.export_fp32([m.model for m in members], about, path)
+
+
+def cached_session(members, about, threads=None):
+    """An ONNX Runtime session of loaded members' fp32 graph, from the cache; the graph is built there first
+    where it is missing, or where the cached file cannot be read. Returns (session, the file's path)."""
+    path = graph_path(members, about.classes)
+    if path.is_file():
+        try:
+            return onnx_graph.open_session(path, threads)[0], path
+        except UsageError as error:
+            log(f"warning: {error}; building it again")
+    build_graph(members, about, path)
+    return onnx_graph.open_session(path, threads)[0], path
 
 
 def load_cascade():
@@ -236,15 +326,20 @@ def load_cascade():
     return cascade
 
 
-def detect_faces(gray, cascade):
-    """Face boxes (x, y, w, h) in pixels of `gray`, left to right."""
+def cascade_faces(gray, cascade):
+    """The cascade's face boxes in `gray` as it is, none smaller than a tenth of its shorter side."""
+    smallest = max(MIN_FACE_PIXELS, round(MIN_FACE_FRACTION * min(gray.shape)))
+    return cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(smallest, smallest))
+
+
+def detect_faces(gray, cascade, max_side=DETECT_MAX_SIDE):
+    """Face boxes (x, y, w, h) in pixels of `gray`, left to right, looked for on a copy whose longest side
+    is at most `max_side`."""
     height, width = gray.shape
-    scale = min(1.0, DETECT_MAX_SIDE / max(height, width))
+    scale = min(1.0, max_side / max(height, width))
     small = cv2.resize(gray, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA) \
         if scale < 1 else gray
-    smallest = max(MIN_FACE_PIXELS, round(MIN_FACE_FRACTION * min(small.shape)))
-    boxes = cascade.detectMultiScale(small, scaleFactor=1.1, minNeighbors=5, minSize=(smallest, smallest))
-    return sorted(tuple(int(round(v / scale)) for v in box) for box in boxes)
+    return sorted(tuple(int(round(v / scale)) for v in box) for box in cascade_faces(small, cascade))
 
 
 def crop_face(gray, box, margin=MARGIN):
@@ -256,6 +351,12 @@ def crop_face(gray, box, margin=MARGIN):
     return np.asarray(face.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
+def face_crops(gray, boxes, detected=True):
+    """uint8 [N, 48, 48]: each box's crop, with the margin where the box came from detection."""
+    crops = [crop_face(gray, box, MARGIN if detected else 0) for box in boxes]
+    return np.array(crops, dtype=np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
+
+
 def open_image(path):
     """(the image upright, its grayscale pixels as uint8 [H, W]); any decoding error propagates."""
     with Image.open(path) as image:
@@ -263,6 +364,14 @@ def open_image(path):
         image = ImageOps.exif_transpose(image)  # phone photos are stored sideways; the cascade wants them upright
         image.load()
     return image, np.asarray(to_grayscale(image), dtype=np.uint8)
+
+
+def grayscale(image):
+    """uint8 [H, W] of a path, a PIL image or a grayscale/RGB array."""
+    if isinstance(image, (str, Path)):
+        return open_image(image)[1]
+    image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    return np.asarray(to_grayscale(image), dtype=np.uint8)
 
 
 def face_record(box, probs, classes, top_k=3):
@@ -295,77 +404,115 @@ def draw_faces(image, faces, numbered=False):
 
 def annotate(predictor, image, detect=True, top_k=3):
     """One image's answer as the browser demo (app.py) shows it: (the image with every face drawn on it,
-    numbered, and the face records, largest face first). Predictor.predict does per image what predict.py's
-    process_chunk does in batches; draw_faces draws what its save_annotated writes."""
+    numbered, and the face records, largest face first)."""
     faces = sorted(predictor.predict(image, detect, top_k), key=lambda face: -face["box"][2] * face["box"][3])
     return draw_faces(image, faces, numbered=True), faces
 
 
-class Predictor:
-    """The ensemble's networks, loaded once, and how to turn images or 48x48 faces into probabilities."""
-    backend = "torch"
+def annotated_path(out, source, root, used, suffix):
+    """out/<the source's path below its input folder, '_' for each separator><suffix>, unique among `used`
+    (the names taken so far, which it joins), and never the source itself."""
+    stem = safe_filename(str(Path(source).relative_to(root).with_suffix("")).replace(os.sep, "_"), 70)
+    name, n = stem + suffix, 1
+    while name in used or (Path(out) / name).resolve() == Path(source).resolve():
+        n += 1
+        name = f"{stem}-{n}{suffix}"
+    used.add(name)
+    return Path(out) / name
 
-    def __init__(self, members, tta="none", device="auto", precision="auto", batch_size=128):
-        """`members`: [(path, weight)] or [(path, weight, sha256)]; zero-weight members are skipped."""
-        members = [(*m, None)[:3] for m in members if m[1] > 0]
-        if not members:
-            raise UsageError("an ensemble needs at least one member with a weight above zero")
-        self.device = pick_device(device)
-        self.precision = resolve_precision(precision, self.device)
-        self.tta, self.batch_size = tta, batch_size
-        self.members = load_members([p for p, _, _ in members], self.device, [h for _, _, h in members])
-        self.classes = common_classes(self.members)
-        weights = np.array([w for _, w, _ in members], dtype=np.float64)
-        self.weights = weights / weights.sum()
+
+class Predictor:
+    """An ensemble ready to answer. `forward` turns float pixels 0..255 [B, 1, 48, 48] on `device` into
+    the ensemble's probabilities [B, classes]: the torch networks (from_members) or an ONNX Runtime session
+    (from_onnx, or from_members with backend="onnx"). `about` is the ensemble's Description, `files` what
+    it was loaded from. Copies (copy.copy) share the loaded networks."""
+
+    def __init__(self, forward, about, files, tta=None, batch_size=128, device="cpu", backend="torch"):
+        self.forward, self.about, self.files, self.backend = forward, about, [Path(f) for f in files], backend
+        self.classes = list(about.classes)
+        self.tta = tta or about.tta
+        self.batch_size, self.device = batch_size, torch.device(device)
         self.cascade = None  # loaded on the first detection
 
     @classmethod
-    def pretrained(cls, **options):
-        """The ensemble shipped in weights/, with the TTA it was fitted with (unless tta= is given)."""
-        return cls.from_ensemble(PRETRAINED, **options)
+    def from_members(cls, members, tta="none", device="auto", precision="auto", batch_size=128, backend="torch",
+                     threads=None, method="given"):
+        """The ensemble of `members` (Members; those without weight are left out), run by PyTorch on
+        `device` in `precision`, or with backend="onnx" as their fp32 graph on ONNX Runtime
+        (cached_session), where device and precision do not apply."""
+        members = [m for m in members if m.weight > 0]
+        if not members:
+            raise UsageError("an ensemble needs at least one member with a weight above zero")
+        if backend == "onnx":
+            return cls.as_onnx(load_members(members, "cpu"), tta, method, batch_size, threads)
+        device = pick_device(device)
+        precision = resolve_precision(precision, device)
+        loaded = load_members(members, device)
+        about = describe(loaded, tta, method, precision)
+        forward = torch_forward([m.model for m in loaded], about.weights, precision)
+        return cls(forward, about, [m.path for m in loaded], tta, batch_size, device)
+
+    @classmethod
+    def as_onnx(cls, members, tta="none", method="given", batch_size=128, threads=None):
+        """Loaded members (on CPU) as their fp32 ONNX graph, run by ONNX Runtime: the graph comes from the
+        cache, where it is built on first use (cached_session)."""
+        about = describe(members, tta, method, "fp32")
+        session, path = cached_session(members, about, threads)
+        return cls(onnx_graph.session_forward(session), about, [path], tta, batch_size, "cpu", "onnx")
+
+    @classmethod
+    def from_choice(cls, choice, tta=None, **options):
+        """The models of a Choice (choose_models), with the TTA they were fitted with unless tta= is given."""
+        return cls.from_members(choice.members, tta or choice.tta or "none", method=choice.method, **options)
 
     @classmethod
     def from_ensemble(cls, ensemble_file, tta=None, **options):
-        members, recorded_tta = ensemble_members(ensemble_file)
-        return cls(members, tta or recorded_tta, **options)
+        return cls.from_choice(choose_models(ensemble_file=ensemble_file), tta, **options)
 
     @classmethod
-    def from_onnx(cls, path=PRETRAINED_ONNX, tta=None, batch_size=128, threads=None):
-        """The ensemble graph written by export.py --format onnx, run by ONNX Runtime on CPU, with the TTA
-        recorded in the file unless tta= is given."""
-        from ferkit.onnx_graph import OnnxPredictor  # imported here: it imports this module
-        return OnnxPredictor(path, tta, batch_size, threads)
+    def pretrained(cls, tta=None, **options):
+        """The ensemble shipped in weights/, with the TTA it was fitted with (unless tta= is given)."""
+        return cls.from_ensemble(PRETRAINED, tta, **options)
 
-    @property
-    def paths(self):
-        return [m.path for m in self.members]
+    @classmethod
+    def from_onnx(cls, path, tta=None, batch_size=128, threads=None):
+        """An ensemble graph written by export.py --format onnx (or onnx-int8), run by ONNX Runtime on CPU,
+        with the TTA recorded in the file unless tta= is given."""
+        session, about = onnx_graph.open_session(path, threads)
+        return cls(onnx_graph.session_forward(session), about, [path], tta, batch_size, "cpu", "onnx")
+
+    def probabilities(self, images):
+        """uint8 images [N, 1, 48, 48] -> the ensemble's TTA-averaged probabilities [N, classes]."""
+        return batched_probs(self.forward, images, self.tta, self.batch_size, self.device)
 
     def predict_faces(self, faces):
         """Face crops, uint8 [48, 48] or [N, 48, 48] -> ensemble probabilities [N, classes]."""
         faces = np.asarray(faces, dtype=np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
         if len(faces) == 0:
             return np.zeros((0, len(self.classes)))
-        images = torch.from_numpy(faces.copy()).unsqueeze(1)  # a writable copy, as torch wants
-        return self.probabilities(images)
+        return self.probabilities(torch.from_numpy(faces.copy()).unsqueeze(1))  # a writable copy, as torch wants
 
-    def probabilities(self, images):
-        """uint8 images [N, 1, 48, 48] -> the members' TTA-averaged probabilities, weighted [N, classes]."""
-        member_probs = [predict_probs(m.model, images, self.tta, self.batch_size, self.precision)
-                        for m in self.members]
-        return ensemble.weighted_average(member_probs, self.weights)
-
-    def find_faces(self, gray):
+    def find_faces(self, gray, max_side=DETECT_MAX_SIDE):
         if self.cascade is None:
             self.cascade = load_cascade()
-        return detect_faces(gray, self.cascade)
+        return detect_faces(gray, self.cascade, max_side)
+
+    def face_boxes(self, gray, detect=True, max_side=DETECT_MAX_SIDE):
+        """The faces' boxes in a grayscale image; detect=False: the whole image is one face."""
+        return self.find_faces(gray, max_side) if detect else [(0, 0, gray.shape[1], gray.shape[0])]
+
+    def locate(self, gray, detect=True):
+        """(boxes, their 48x48 crops) of the faces in a grayscale image: the first half of an answer."""
+        boxes = self.face_boxes(gray, detect)
+        return boxes, face_crops(gray, boxes, detect)
+
+    def answer(self, located, top_k=3):
+        """The second half: for each image's (boxes, crops), its faces [{"box", "top", "probabilities"}],
+        all the images' faces classified together."""
+        probs = iter(self.predict_faces([crop for _, crops in located for crop in crops]))
+        return [[face_record(box, next(probs), self.classes, top_k) for box in boxes] for boxes, _ in located]
 
     def predict(self, image, detect=True, top_k=3):
         """Every face in `image` (a path, a PIL image or a grayscale/RGB array): a list of
         {"box", "top", "probabilities"}, left to right. detect=False: the whole image is one face."""
-        if isinstance(image, (str, Path)):
-            image = open_image(image)[0]
-        gray = np.asarray(to_grayscale(image) if isinstance(image, Image.Image)
-                          else to_grayscale(Image.fromarray(np.asarray(image))), dtype=np.uint8)
-        boxes = self.find_faces(gray) if detect else [(0, 0, gray.shape[1], gray.shape[0])]
-        probs = self.predict_faces([crop_face(gray, box, MARGIN if detect else 0) for box in boxes])
-        return [face_record(box, p, self.classes, top_k) for box, p in zip(boxes, probs)]
+        return self.answer([self.locate(grayscale(image), detect)], top_k)[0]

@@ -1,37 +1,40 @@
 """The ensemble as one ONNX graph, the deployment format, and running it with ONNX Runtime on CPU.
 
-export.py --format onnx writes ensemble.onnx: float32 pixels [N, 1, 48, 48] (grayscale, 0..255, N any)
-in, the ensemble's probabilities [N, classes] out, the members' softmax outputs averaged with the fitted
-weights inside the graph. The class list, the weights, the member names and the TTA the weights were
-fitted with are in the model's metadata_props. TTA stays outside the graph: `OnnxPredictor` makes the
-views, as the torch path does, so a caller can choose none, flip or tencrop for the same file.
+The graph takes float32 pixels [N, 1, 48, 48] (grayscale, 0..255, N any) and returns the ensemble's
+probabilities [N, classes], the members' softmax outputs averaged with their weights inside the graph.
+The class list, the weights, the member names and the TTA the weights were fitted with are in the
+model's metadata_props. TTA stays outside the graph: a Predictor makes the views, as it does for torch,
+so a caller can choose none, flip or tencrop for the same file.
+
+`predict.py --backend onnx` builds the chosen ensemble's graph on first use (inference.onnx_predictor,
+cached under .cache/onnx/); export.py --format onnx writes a scored copy, and onnx-int8 a quantized one:
 
     from ferkit.inference import Predictor
-    predictor = Predictor.from_onnx("weights/ensemble.onnx")    # the file's own TTA unless tta= is given
+    predictor = Predictor.pretrained(backend="onnx")           # the shipped ensemble, as a cached graph
+    predictor = Predictor.from_onnx("weights/ensemble.onnx")   # a file, with its own TTA unless tta= is given
     predictor.predict("photo.jpg")
 
 onnx, onnxscript and onnxruntime are imported inside the functions that use them, so that the torch
 path (predict.py's default) does not pay for importing them.
 """
 import json
-import math
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from ferkit.cli import UsageError
 from data import IMAGE_SIZE
+from ensemble import TTA_CHOICES, Description, classes_problem, is_weight
+from ferkit.cli import UsageError
 from ferkit.files import write_atomic
-from ferkit.inference import TTA_CHOICES, Predictor, tta_views
 
 FORMAT = "fer-onnx-1"
 FP32_NAME, INT8_NAME = "ensemble.onnx", "ensemble-int8.onnx"
 INPUT_NAME, OUTPUT_NAME = "pixels", "probabilities"
 INPUT_DESCRIPTION = f"float32 [N, 1, {IMAGE_SIZE}, {IMAGE_SIZE}]: grayscale face crops, pixels 0..255"
-EXPORT_HINT = "Write it with: python export.py --format onnx (or onnx-int8)"
+EXPORT_HINT = ("Write it with: python export.py --format onnx (or onnx-int8), or leave out --onnx: --backend onnx "
+               "then builds the graph of the chosen models itself")
 CALIBRATION_IMAGES, CALIBRATION_SEED, CALIBRATION_BATCH = 300, 0, 50
 # The members' layers; Softmax and the weighted average stay float, so that the probabilities keep their
 # resolution and sum to one (quantized, they came in steps of 1/256).
@@ -53,16 +56,6 @@ class EnsembleGraph(nn.Module):
         return (probs * self.weights[:, None, None]).sum(0)
 
 
-class Description(NamedTuple):
-    """What an ensemble.onnx file says about itself in its metadata."""
-    classes: list
-    weights: np.ndarray
-    members: list
-    tta: str
-    method: str
-    precision: str
-
-
 def metadata(description):
     """metadata_props entries (strings only) for a Description."""
     return {"format": FORMAT, "input": INPUT_DESCRIPTION, "classes": json.dumps(description.classes),
@@ -77,12 +70,11 @@ def parse_metadata(path, props):
         if props.get("format") != FORMAT:
             raise ValueError(f"format {props.get('format')!r}, expected {FORMAT!r}")
         classes, weights, members = (json.loads(props[key]) for key in ("classes", "weights", "members"))
-        if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        if classes_problem(classes):
             raise ValueError(f"class list {classes!r}")
         if not (isinstance(members, list) and members and all(isinstance(m, str) for m in members)):
             raise ValueError(f"member list {members!r}")
-        if not (isinstance(weights, list) and len(weights) == len(members)
-                and all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights)
+        if not (isinstance(weights, list) and len(weights) == len(members) and all(map(is_weight, weights))
                 and sum(weights) > 0):
             raise ValueError(f"weights {weights!r} for {len(members)} member(s)")
         if props["tta"] not in TTA_CHOICES:
@@ -189,38 +181,30 @@ def open_session(path, threads=None):
     return session, description
 
 
-def onnx_probs(session, images, tta="none", batch_size=128):
-    """Ensemble probabilities [N, C] (numpy) for uint8 images [N, 1, 48, 48]: the graph's output averaged
-    over the TTA views, which are made here as predict_probs makes them."""
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        views = tta_views(images[start:start + batch_size].float(), tta)
-        probs = sum(session.run([OUTPUT_NAME], {INPUT_NAME: view.contiguous().numpy()})[0].astype(np.float64)
-                    for view in views)
-        outputs.append(probs / len(views))
-    return np.concatenate(outputs) if outputs else np.zeros((0, session.get_outputs()[0].shape[-1]))
+def session_forward(session):
+    """A Predictor's forward function for an ensemble graph opened by open_session: float pixels 0..255
+    [B, 1, 48, 48] (a CPU tensor) -> the ensemble's probabilities [B, classes]."""
+    def forward(pixels):
+        return torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: pixels.contiguous().numpy()})[0])
+    return forward
 
 
-class OnnxPredictor(Predictor):
-    """Predictor's pipeline (detection, cropping, TTA views, the same output) with the ensemble graph run
-    by ONNX Runtime's CPU execution provider. Made by Predictor.from_onnx."""
-    backend = "onnx"
+def add_backend_flags(parser):
+    """--backend and --onnx, for predict.py and evaluate.py."""
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnx"],
+                        help="torch: the chosen models, run by PyTorch; onnx: the same ensemble as one ONNX graph, run "
+                             "by ONNX Runtime on CPU (built from the members on first use, in seconds, and kept in "
+                             ".cache/onnx/), or the file --onnx; --device and --precision apply to torch only")
+    parser.add_argument("--onnx", default=None, metavar="PATH",
+                        help="with --backend onnx: run this ONNX file (export.py --format onnx, or onnx-int8, writes a "
+                             "scored one) instead of the chosen models' graph; unset: the chosen models' graph")
 
-    def __init__(self, path, tta=None, batch_size=128, threads=None):
-        # Not Predictor.__init__: that loads torch members, and here the whole ensemble is one graph.
-        self.path = Path(path)
-        self.session, description = open_session(self.path, threads)
-        self.classes, self.weights, self.member_names = description.classes, description.weights, description.members
-        self.method = description.method
-        self.tta = tta or description.tta
-        self.batch_size = batch_size
-        self.device, self.precision = torch.device("cpu"), description.precision
-        self.members = []  # no torch networks: they are inside the graph
-        self.cascade = None  # loaded on the first detection
 
-    @property
-    def paths(self):
-        return [self.path]
-
-    def probabilities(self, images):
-        return onnx_probs(self.session, images, self.tta, self.batch_size)
+def check_backend_flags(backend, onnx_file, named):
+    """UsageError for --onnx without --backend onnx, or beside `named`, the flags given that name models:
+    an ONNX file brings its own ensemble."""
+    if onnx_file and backend != "onnx":
+        raise UsageError(f"--onnx {onnx_file} is used by --backend onnx: add --backend onnx")
+    if onnx_file and named:
+        raise UsageError(f"--onnx {onnx_file} runs the ensemble in that file, and {' and '.join(named)} name other "
+                         "models: leave them out, or leave out --onnx to build their graph")

@@ -27,8 +27,7 @@ from scipy.optimize import linear_sum_assignment
 
 from ferkit import cli
 from ferkit.cli import UsageError
-from ferkit.files import safe_filename
-from ferkit.inference import MARGIN, crop_face, face_record, log
+from ferkit.inference import annotated_path, face_crops, face_record, log
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv"}
 OUTPUT_FOURCC, OUTPUT_SUFFIX = "MJPG", ".avi"  # every OpenCV build writes it; each frame decodes on its own
@@ -141,14 +140,8 @@ def stage_clock():
 
 
 def find_boxes(predictor, gray, args):
-    """Face boxes in full-frame pixels, found on a copy whose longest side is args.detect_side."""
-    height, width = gray.shape
-    if args.no_detect:
-        return [(0, 0, width, height)]
-    scale = min(1.0, args.detect_side / max(height, width))
-    small = cv2.resize(gray, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA) \
-        if scale < 1 else gray
-    return [tuple(int(round(v / scale)) for v in box) for box in predictor.find_faces(small)]
+    """Face boxes in full-frame pixels, looked for on a copy whose longest side is args.detect_side."""
+    return predictor.face_boxes(gray, not args.no_detect, args.detect_side)
 
 
 def iou_matrix(boxes_a, boxes_b):
@@ -196,10 +189,29 @@ def classify(predictor, gray, tracks, args):
     """Update each track's smoothed probabilities with its face in this frame, all faces in one batch."""
     if not tracks:
         return
-    margin = 0 if args.no_detect else MARGIN
-    probs = predictor.predict_faces(np.stack([crop_face(gray, t.box, margin) for t in tracks]))
+    probs = predictor.predict_faces(face_crops(gray, [t.box for t in tracks], not args.no_detect))
     for track, p in zip(tracks, probs):
         track.probs = smooth(track.probs, p, args.smoothing)
+
+
+def new_session():
+    """What track_faces keeps from one frame to the next, for one video, camera or browser visitor."""
+    return {"tracks": [], "next_id": 1, "frame": 0, "next_detection": 0}
+
+
+def track_faces(predictor, gray, session, args, lap=lambda stage: None):
+    """One frame's faces: looked for when due (on the next frame while the faces found change, else every
+    args.detect_every frames), followed from the last frame, and classified with smoothing. Updates
+    `session` (new_session) and returns its tracks; lap(stage) is called after detection and classification."""
+    if session["frame"] >= session["next_detection"]:
+        boxes = find_boxes(predictor, gray, args)
+        session["tracks"], session["next_id"], changed = follow(session["tracks"], boxes, session["next_id"])
+        session["next_detection"] = session["frame"] + (1 if changed else args.detect_every)
+    lap("detect")
+    classify(predictor, gray, session["tracks"], args)
+    lap("classify")
+    session["frame"] += 1
+    return session["tracks"]
 
 
 def draw_track(frame, track, classes):
@@ -233,17 +245,6 @@ def draw_bars(frame, track, classes, scale):
                       BAR_COLOR, -1)
 
 
-def annotated_path(out, source, root, used):
-    """out/<the source's path below its input folder>.avi, unique among `used`, never the source."""
-    stem = safe_filename(str(Path(source).relative_to(root).with_suffix("")).replace(os.sep, "_"), 70)
-    name, n = stem + OUTPUT_SUFFIX, 1
-    while name in used or (Path(out) / name).resolve() == Path(source).resolve():
-        n += 1
-        name = f"{stem}-{n}{OUTPUT_SUFFIX}"
-    used.add(name)
-    return Path(out) / name
-
-
 def open_writer(path, fps, frame):
     """A VideoWriter for frames like `frame`, writing to a hidden file beside `path` (renamed when
     finished, so that a half-written file never takes the name)."""
@@ -260,55 +261,57 @@ def frame_json(name, index, seconds, tracks, classes, top_k):
     return json.dumps({"video": name, "frame": index, "time": round(seconds, 3), "faces": faces})
 
 
+@contextlib.contextmanager
+def annotated_video(out_path, fps):
+    """Yields write(frame), which adds a frame to the annotated video at out_path, opened on the first frame
+    (whose size it takes). On leaving, even by an exception, the video is finished and takes its name."""
+    opened = []  # (writer, partial file) once the first frame came
+
+    def write(frame):
+        if not opened:
+            opened.extend(open_writer(out_path, fps, frame))
+        opened[0].write(frame)
+    try:
+        yield write
+    finally:
+        if opened:
+            opened[0].release()  # writes the index: without it the file does not play
+            os.replace(opened[1], out_path)
+
+
 def process_stream(capture, name, predictor, args, out_path=None, live=False):
     """The frame loop over an opened capture: follow, classify and report every face of every frame,
     write the annotated video to out_path (if given). Returns a result dict with the seconds each
     emotion was the top one per track, and the seconds spent per stage."""
-    fps, classes = frame_rate(capture), predictor.classes
-    tracks, next_id, next_detection = [], 1, 0
+    fps, classes, session = frame_rate(capture), predictor.classes, new_session()
     on_top = defaultdict(Counter)  # track id -> emotion -> seconds
-    frames, skipped, seconds, writer, partial = 0, 0, 0.0, None, None
+    frames, skipped, seconds = 0, 0, 0.0
     stages, lap = stage_clock()
     started = time.perf_counter()
-    with stop_on_interrupt() as interrupted:
-        try:
-            stop = lambda: interrupted() or frames == args.max_frames  # noqa: E731
-            for index, frame in enumerate(read_frames(capture, stop)):
-                lap("decode")
-                if frame is None:
-                    skipped += 1
-                    continue
-                now = time.perf_counter() - started if live else index / fps
-                step, seconds = (now - seconds if live and frames else 1 / fps), now
-                gray = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
-                if index >= next_detection:
-                    tracks, next_id, changed = follow(tracks, find_boxes(predictor, gray, args), next_id)
-                    next_detection = index + (1 if changed else args.detect_every)
-                lap("detect")
-                classify(predictor, gray, tracks, args)
-                lap("classify")
-                for track in tracks:
-                    on_top[track.id][classes[int(np.argmax(track.probs))]] += step
-                if args.json:
-                    print(frame_json(name, index, seconds, tracks, classes, args.top_k), flush=live)
-                if out_path:
-                    for track in tracks:
-                        draw_track(frame, track, classes)
-                    if writer is None:
-                        writer, partial = open_writer(out_path, fps, frame)
-                lap("annotate")
-                if writer is not None:
-                    writer.write(frame)
-                frames += 1
-                lap("encode")
-        finally:
-            if writer is not None:
-                writer.release()  # writes the index: without it the file does not play
-                os.replace(partial, out_path)
+    with stop_on_interrupt() as interrupted, annotated_video(out_path, fps) as write:
+        for index, frame in enumerate(read_frames(capture, lambda: interrupted() or frames == args.max_frames)):
+            lap("decode")
+            if frame is None:
+                skipped += 1
+                continue
+            now = time.perf_counter() - started if live else index / fps
+            step, seconds = (now - seconds if live and frames else 1 / fps), now
+            tracks = track_faces(predictor, cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY), session, args, lap)
+            for track in tracks:
+                on_top[track.id][classes[int(np.argmax(track.probs))]] += step
+            if args.json:
+                print(frame_json(name, index, seconds, tracks, classes, args.top_k), flush=live)
+            for track in tracks if out_path else []:
+                draw_track(frame, track, classes)
+            lap("annotate")
+            if out_path:
+                write(frame)
+            frames += 1
+            lap("encode")
     sys.stdout.flush()
     total = time.perf_counter() - started
     return {"video": name, "frames": frames, "skipped_frames": skipped, "interrupted": interrupted(),
-            "annotated": str(out_path) if writer is not None else None,
+            "annotated": str(out_path) if out_path and frames else None,
             "tracks": {track: dict(emotions) for track, emotions in on_top.items()},
             "stages": dict(stages), "seconds": total, "fps": frames / total if total else 0.0}
 
@@ -354,7 +357,7 @@ def run_video(path, root, predictor, args, used_names):
     try:
         if not capture.isOpened():
             return None, f"{path} (not a video OpenCV can read)"
-        out_path = annotated_path(args.out, path, root, used_names) if args.out else None
+        out_path = annotated_path(args.out, path, root, used_names, OUTPUT_SUFFIX) if args.out else None
         result = process_stream(capture, str(path), predictor, args, out_path)
         if result["frames"]:
             report(result, args)

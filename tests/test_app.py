@@ -143,19 +143,43 @@ def test_webcam_frames_are_followed_and_smoothed_as_video_py_does(predictors):
 
 def test_the_demo_uses_the_shipped_ensemble_unless_told_otherwise(trained_runs, tmp_path, monkeypatch):
     ensemble_file = trained_runs / "evaluation" / "ensemble.json"
-    monkeypatch.setattr(app, "PRETRAINED", ensemble_file)  # stands in for weights/ensemble.json
-    monkeypatch.chdir(tmp_path)  # a runs/ here would come first in predict.py's order
+    monkeypatch.setattr(inference, "PRETRAINED", ensemble_file)  # stands in for weights/ensemble.json
+    monkeypatch.chdir(tmp_path)  # a runs/ here must not change the default
     (tmp_path / "runs" / "model_x").mkdir(parents=True)
     shutil.copy(trained_runs / "model_x" / "best.pt", tmp_path / "runs" / "model_x" / "best.pt")
     args = app.build_parser().parse_args(["--device", "cpu"])
     predictors, tta = app.load_predictors(args)
     assert sorted(predictors) == sorted(inference.TTA_CHOICES) and tta == "none"
     assert [p.tta for p in predictors.values()] == list(predictors)
-    assert len({id(p.members[0].model) for p in predictors.values()}) == 1  # one copy of the networks
-    assert predictors["none"].paths == [path for path, _, _ in inference.ensemble_members(ensemble_file)[0]]
+    assert len({id(p.forward) for p in predictors.values()}) == 1  # one copy of the networks
+    assert predictors["none"].files == [m.path for m in inference.choose_models(ensemble_file=ensemble_file).members]
     args = app.build_parser().parse_args(["--checkpoints", "runs/model_x/best.pt", "--tta", "flip"])
     predictors, tta = app.load_predictors(args)
-    assert predictors["none"].paths == [Path("runs/model_x/best.pt")] and tta == "flip"
+    assert predictors["none"].files == [Path("runs/model_x/best.pt")] and tta == "flip"
+    predictors, _ = app.load_predictors(app.build_parser().parse_args(["--runs", "runs"]))
+    assert predictors["none"].files == [Path("runs/model_x/best.pt")]
+
+
+def test_a_face_sized_image_without_a_detected_face_is_classified_whole(predictors, tmp_path, monkeypatch):
+    notices = []
+    monkeypatch.setattr(app.gr, "Warning", notices.append)
+    face_image("sad", side=96).save(tmp_path / "crop.png")
+    assert inference.detect_faces(np.asarray(face_image("sad", side=96)), inference.load_cascade()) == []
+    picture, plot, status, faces = app.analyse(predictors, {"path": str(tmp_path / "crop.png")}, "none", False)
+    assert status.startswith("No face found, and the image is face-sized (96x96): classified whole, as one face")
+    assert [face["box"] for face in faces] == [[0, 0, 96, 96]] and plot is not None and notices == []
+    whole = predictors["none"].predict(tmp_path / "crop.png", detect=False)
+    assert faces[0]["probabilities"] == whole[0]["probabilities"]
+    Image.new("L", (200, 120), 128).save(tmp_path / "wall.png")  # larger than a face: told what to do instead
+    _, plot, status, faces = app.analyse(predictors, {"path": str(tmp_path / "wall.png")}, "none", False)
+    assert status.startswith("No face found") and "No detection" in status and faces == [] and plot is None
+
+
+def test_the_examples_offer_the_real_photograph_beside_the_synthetic_faces(example_rows):
+    photo = next(Path(path) for path, _ in example_rows if path.endswith("astronaut.jpg"))
+    assert photo.read_bytes() == (Path(app.__file__).parent / "examples" / "astronaut.jpg").read_bytes()
+    assert [no_detect for path, no_detect in example_rows if path == str(photo)] == [False]
+    assert sum(path.endswith(".png") for path, _ in example_rows) == 3
 
 
 def free_port():
@@ -210,7 +234,8 @@ def test_python_app_py_starts_and_prints_its_url(trained_runs, tmp_path):
         assert line.startswith(f"Browser demo on http://127.0.0.1:{port}/"), line
         assert time.perf_counter() - started < 60  # about 7 s on a busy 2-core machine; generous for CI
         assert "Facial emotion recognition" in urlopen(f"http://127.0.0.1:{port}/").read().decode()
-        assert sorted(p.name for p in (tmp_path / "examples").iterdir()) == ["group.png", "happy.png", "surprise.png"]
+        assert sorted(p.name for p in (tmp_path / "examples").iterdir()) == \
+            ["astronaut.jpg", "group.png", "happy.png", "surprise.png"]
     finally:
         process.terminate()
         process.wait(timeout=30)

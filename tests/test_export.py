@@ -99,7 +99,7 @@ def test_a_foreign_safetensors_file_is_refused(tmp_path):
         inference.load_member(garbage)
 
 
-def test_predict_falls_back_to_the_shipped_weights(exported, tmp_path, monkeypatch, capsys):
+def test_predict_defaults_to_the_shipped_weights(exported, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no runs/ here
     monkeypatch.setattr(inference, "PRETRAINED", exported / "ensemble.json")
     image = tmp_path / "face.png"

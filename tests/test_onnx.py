@@ -2,6 +2,7 @@
 fp32, the metadata and its checks, and predict.py / evaluate.py with --backend onnx. The members are two
 small random-weight networks, so nothing is trained here."""
 import json
+import os
 import subprocess
 import sys
 
@@ -9,6 +10,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import ROOT
+from PIL import Image
 
 from ferkit import cli
 import ensemble
@@ -83,17 +86,6 @@ def test_onnx_runtime_matches_pytorch_fp32(random_ensemble, exported, batch, tta
     assert (onnx_probs.argmax(1) == torch_probs.argmax(1)).all()
 
 
-def test_a_member_that_equalises_its_input_exports_and_matches_pytorch(tmp_path):
-    ensemble_file = save_random_ensemble(tmp_path / "runs", ["model_e"], [1.0])
-    export_onnx(ensemble_file, tmp_path / "weights")
-    images = faces(7)
-    torch_probs = inference.Predictor.from_ensemble(ensemble_file, "flip", device="cpu", precision="fp32") \
-        .predict_faces(images)
-    onnx_probs = inference.Predictor.from_onnx(tmp_path / "weights" / "ensemble.onnx", "flip", threads=1) \
-        .predict_faces(images)
-    np.testing.assert_allclose(onnx_probs, torch_probs, rtol=1e-3, atol=1e-5)
-
-
 def test_the_graph_holds_the_ensemble_and_its_metadata(exported):
     assert sorted(p.name for p in exported.parent.iterdir()) == ["ensemble.onnx"]
     model = onnx.load(str(exported))
@@ -107,7 +99,7 @@ def test_the_graph_holds_the_ensemble_and_its_metadata(exported):
     assert not graph_input.type.tensor_type.shape.dim[0].HasField("dim_value")  # any batch size
     assert sum(node.op_type == "Softmax" for node in model.graph.node) == 2  # both members, inside the graph
     predictor = inference.Predictor.from_onnx(exported)
-    assert predictor.classes == synthetic.CLASSES and predictor.weights.tolist() == WEIGHTS
+    assert predictor.classes == synthetic.CLASSES and predictor.about.weights.tolist() == WEIGHTS
     assert predictor.predict_faces(np.zeros((0, 48, 48), np.uint8)).shape == (0, len(synthetic.CLASSES))
 
 
@@ -164,7 +156,6 @@ def test_a_graph_of_another_shape_is_refused_even_with_our_metadata(exported, tm
 
 
 def face_image(folder):
-    from PIL import Image
     path = folder / "face.png"
     Image.fromarray(faces(1, seed=3)[0]).save(path)
     return path
@@ -185,8 +176,12 @@ def test_predict_with_the_onnx_backend_answers_like_torch(random_ensemble, expor
 
 
 @pytest.mark.parametrize("flags, message", [(["--onnx", "x.onnx"], "add --backend onnx"),
-                                            (["--backend", "onnx", "--checkpoints", "a.pt"], "leave them out"),
-                                            (["--backend", "onnx", "--onnx", "missing.onnx"], "no ONNX file missing.onnx")])
+                                            (["--backend", "onnx", "--onnx", "x.onnx", "--checkpoints", "a.pt"],
+                                             "--onnx x.onnx runs the ensemble in that file, and --checkpoints name "
+                                             "other models: leave them out"),
+                                            (["--backend", "onnx", "--onnx", "missing.onnx"],
+                                             "no ONNX file missing.onnx"),
+                                            (["--backend", "onnx", "--checkpoints", "a.pt"], "no model file a.pt")])
 def test_predict_explains_backend_flags_that_do_not_fit(tmp_path, flags, message):
     with pytest.raises(cli.UsageError, match=message):
         predict.main([str(face_image(tmp_path)), "--no-detect", *flags])
@@ -204,6 +199,25 @@ def test_evaluate_reports_the_onnx_ensemble(random_ensemble, exported, tmp_path)
     assert (tmp_path / "report.md").is_file() and (tmp_path / "confusion_ensemble.png").is_file()
     with pytest.raises(cli.UsageError, match="--backend onnx: pass --data"):
         evaluate.main(["--backend", "onnx", "--onnx", str(exported), "--out", str(tmp_path)])
+    with pytest.raises(cli.UsageError, match="--onnx .* runs the ensemble in that file, and --pretrained name"):
+        evaluate.main(["--backend", "onnx", "--onnx", str(exported), "--pretrained", "--out", str(tmp_path)])
+
+
+def test_evaluate_builds_the_graph_of_the_runs_ensemble(random_ensemble, tmp_path, monkeypatch, capsys):
+    """--backend onnx with no --onnx: the graph of the ensemble the torch backend would use (here the runs'
+    fitted evaluation/ensemble.json), built into the cache with no export, scored on the checkpoints' data."""
+    monkeypatch.setattr(evaluate.data, "DEFAULT_CACHE_DIR", tmp_path / "cache")
+    runs = random_ensemble.parent.parent
+    report = evaluate.main(["--backend", "onnx", "--runs", str(runs), "--out", str(tmp_path / "eval"),
+                            "--split", "val", "--tta", "flip", "--threads", "1"])
+    assert f"models from {random_ensemble}" in capsys.readouterr().err
+    (graph,) = (tmp_path / "cache" / "onnx").iterdir()
+    assert report["ensemble"]["onnx"] == str(graph) and report["data"] == "synthetic:20" and report["tta"] == "flip"
+    split = inference.align_classes(evaluate.data.load_split("synthetic:20", "val"), synthetic.CLASSES)
+    torch_probs = inference.Predictor.from_ensemble(random_ensemble, "flip", device="cpu", precision="fp32") \
+        .probabilities(split[0])
+    assert report["ensemble"]["accuracy"] == ensemble.accuracy(torch_probs, split[1])
+    assert report["ensemble"]["weights"] == dict(zip(["model_x", "model_y"], WEIGHTS))
 
 
 def test_int8_is_written_only_within_tolerance(random_ensemble, tmp_path, monkeypatch, capsys):
@@ -213,7 +227,7 @@ def test_int8_is_written_only_within_tolerance(random_ensemble, tmp_path, monkey
     assert "fp32: ensemble" in printed and "int8: ensemble" in printed
     int8 = tmp_path / onnx_graph.INT8_NAME
     predictor = inference.Predictor.from_onnx(int8)
-    assert predictor.precision == "int8" and predictor.classes == synthetic.CLASSES
+    assert predictor.about.precision == "int8" and predictor.classes == synthetic.CLASSES
     assert any(node.op_type == "QuantizeLinear" for node in onnx.load(str(int8)).graph.node)
     probs = predictor.predict_faces(faces(7))
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-3)
@@ -233,8 +247,71 @@ def test_calibration_images_are_a_seeded_choice_of_training_images():
 
 
 def test_the_torch_path_does_not_import_onnx():
-    code = ("import sys, predict, evaluate, export, inference; "
+    code = ("import sys, predict, evaluate, export, app; from ferkit import inference, onnx_graph, video; "
             "print(sorted(m for m in ('onnx', 'onnxruntime', 'onnxscript') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=inference.Path(inference.__file__).parent,
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def write_faces(folder, count, seed=0):
+    """`count` synthetic 48x48 faces as PNGs, and as many random 48x48 crops of a noisy gradient."""
+    folder.mkdir(parents=True)
+    for i, face in enumerate(faces(count, seed=seed)):
+        Image.fromarray(face).save(folder / f"face{i:02d}.png")
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        pixels = np.linspace(0, 255, 48)[None, :] * rng.random() + rng.normal(0, 30, (48, 48)) + 60
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"crop{i:02d}.png")
+    return folder
+
+
+def tops(records):
+    return {record["image"]: record["faces"][0]["top"][0]["emotion"] for record in records}
+
+
+@pytest.mark.skipif(not inference.PRETRAINED.is_file(), reason="the shipped weights are not in this checkout")
+def test_the_onnx_backend_works_with_no_export_and_agrees_with_torch(tmp_path, monkeypatch, capsys):
+    """The shipped ensemble on --backend onnx in a fresh clone: its graph is built on first use (no data, no
+    export.py) into FER_CACHE_DIR's onnx/ folder, `python predict.py` reuses it, and it answers as torch does."""
+    monkeypatch.setattr(inference.data, "DEFAULT_CACHE_DIR", tmp_path / "cache")  # as FER_CACHE_DIR sets it
+    folder = write_faces(tmp_path / "faces", 25)
+    common = [str(folder), "--no-detect", "--json", "--threads", "2"]
+    from_onnx = predict.main([*common, "--backend", "onnx"])
+    first = capsys.readouterr().err
+    assert "weights/ensemble.json" in first.splitlines()[0] and "building the ONNX graph" in first
+    (graph,) = (tmp_path / "cache" / "onnx").iterdir()
+    assert graph.suffix == ".onnx" and f"as the ONNX graph {graph}" in first
+    built = graph.stat().st_mtime_ns
+    from_torch = predict.main([*common, "--precision", "fp32"])
+    agree = np.mean([tops(from_torch)[image] == top for image, top in tops(from_onnx).items()])
+    assert len(from_onnx) == 50 and agree >= 0.98, agree
+    again = subprocess.run([sys.executable, "predict.py", *common, "--backend", "onnx", "--tta", "flip"], cwd=ROOT,
+                           env={**os.environ, "FER_CACHE_DIR": str(tmp_path / "cache")}, capture_output=True,
+                           text=True, check=True)
+    assert "building" not in again.stderr and f"as the ONNX graph {graph}" in again.stderr
+    assert len(again.stdout.splitlines()) == 50
+    assert [p.name for p in graph.parent.iterdir()] == [graph.name] and graph.stat().st_mtime_ns == built
+
+
+def test_the_cache_key_follows_the_members_and_their_weights(random_ensemble, tmp_path, monkeypatch):
+    monkeypatch.setattr(inference.data, "DEFAULT_CACHE_DIR", tmp_path / "cache")
+    members = inference.load_members(inference.choose_models(ensemble_file=random_ensemble).members)
+    path = inference.graph_path(members, synthetic.CLASSES)
+    assert path.parent == tmp_path / "cache" / "onnx"
+    doubled = [m._replace(weight=2 * m.weight) for m in members]  # the same weights once normalised
+    assert inference.graph_path(doubled, synthetic.CLASSES) == path
+    assert inference.graph_path([members[0]._replace(weight=0.5), members[1]], synthetic.CLASSES) != path
+    assert inference.graph_path(members[::-1], synthetic.CLASSES) != path
+    assert inference.graph_path(members, synthetic.CLASSES[::-1]) != path
+
+
+def test_an_unreadable_cached_graph_is_built_again(random_ensemble, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(inference.data, "DEFAULT_CACHE_DIR", tmp_path / "cache")
+    members = inference.choose_models(ensemble_file=random_ensemble).members
+    path = inference.graph_path(inference.load_members(members), synthetic.CLASSES)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"half a file")
+    predictor = inference.Predictor.from_members(members, "none", backend="onnx", threads=1)
+    assert "building it again" in capsys.readouterr().err and predictor.files == [path]
+    torch_probs = inference.Predictor.from_members(members, "none", "cpu", "fp32").predict_faces(faces(7))
+    np.testing.assert_allclose(predictor.predict_faces(faces(7)), torch_probs, rtol=1e-3, atol=1e-5)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ferkit import cli
@@ -62,7 +63,7 @@ def test_plain_checkpoints_match_a_single_model(tmp_path, trained_runs, capsys):
     image = synthetic_face_on_canvas(tmp_path / "face.png", seed=3)
     checkpoint = str(trained_runs / "model_x" / "best.pt")
     (record,) = predict.main([str(image), "--no-detect", "--json", "--checkpoints", checkpoint])
-    member = inference.Predictor([(Path(checkpoint), 1.0)], "none", "cpu", "auto")
+    member = inference.Predictor.from_members([inference.Member(Path(checkpoint))], "none", "cpu", "auto")
     direct = member.predict_faces(inference.crop_face(np.asarray(Image.open(image)), (0, 0, 320, 240), 0))
     assert list(record["faces"][0]["probabilities"].values()) == pytest.approx(direct[0].tolist(), abs=1e-3)
 
@@ -132,7 +133,30 @@ def test_missing_models_name_where_they_were_looked_for(tmp_path, monkeypatch):
     with pytest.raises(cli.UsageError) as stop:
         predict.main([str(image)])
     message = str(stop.value)
-    assert "runs/evaluation/ensemble.json" in message and "python train.py" in message and "no-weights" in message
+    assert "no-weights" in message and "git checkout weights/" in message and "--runs DIR" in message
+    with pytest.raises(cli.UsageError, match=r"no trained models in empty: looked for empty/evaluation/ensemble.json "
+                                             r"and empty/\*\*/best.pt. Train first \(python train.py --out empty"):
+        predict.main([str(image), "--runs", "empty"])
+
+
+def test_the_default_is_the_shipped_ensemble_even_beside_a_trained_run(tmp_path, trained_runs, monkeypatch, capsys):
+    """After make demo, runs/ holds toy models; a bare predict.py still answers with weights/, and --runs
+    picks a folder's models: its fitted ensemble, else its best.pt files with equal weights."""
+    if not inference.PRETRAINED.is_file():
+        pytest.skip(f"{inference.PRETRAINED} is not in this checkout")
+    image = synthetic_face_on_canvas(tmp_path / "face.png")
+    (tmp_path / "runs" / "model_x").mkdir(parents=True)
+    (tmp_path / "runs" / "model_x" / "best.pt").write_bytes((trained_runs / "model_x" / "best.pt").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    predict.main([str(image), "--no-detect", "--json", "--tta", "none"])
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith(f"models from the shipped ensemble {inference.PRETRAINED}: ") and "runs" not in first
+    predict.main([str(image), "--no-detect", "--json", "--runs", "runs"])
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first == f"models from runs/**/best.pt: {Path('runs/model_x/best.pt')}; tta none"
+    predict.main([str(image), "--no-detect", "--json", "--runs", str(trained_runs)])
+    fitted = trained_runs / "evaluation" / "ensemble.json"
+    assert capsys.readouterr().err.splitlines()[0].startswith(f"models from {fitted}: ")
 
 
 def test_ensemble_members_are_found_from_the_ensemble_folder(tmp_path, trained_runs, monkeypatch):
@@ -140,11 +164,11 @@ def test_ensemble_members_are_found_from_the_ensemble_folder(tmp_path, trained_r
     record = json.loads((trained_runs / "evaluation" / "ensemble.json").read_text())
     assert all(not Path(m["path"]).is_absolute() for m in record["members"])
     monkeypatch.chdir(tmp_path)
-    members, tta, source = inference.choose_models(ensemble_file=str(trained_runs / "evaluation" / "ensemble.json"))
-    assert tta == record["tta"] and source.endswith("ensemble.json")
+    choice = inference.choose_models(ensemble_file=str(trained_runs / "evaluation" / "ensemble.json"))
+    assert choice.tta == record["tta"] and choice.source.endswith("ensemble.json")
     weighted = [m["path"] for m in record["members"] if m["weight"] > 0]  # the fit may switch a member off
-    assert [p.resolve() for p, _, _ in members] == [(trained_runs / "evaluation" / p).resolve() for p in weighted]
-    assert sum(weight for _, weight, _ in members) == pytest.approx(1)
+    assert [m.path.resolve() for m in choice.members] == [(trained_runs / "evaluation" / p).resolve() for p in weighted]
+    assert sum(m.weight for m in choice.members) == pytest.approx(1)
 
 
 def test_predictor_api_on_a_photo_and_on_a_face(tmp_path, ensemble_file):
@@ -157,6 +181,29 @@ def test_predictor_api_on_a_photo_and_on_a_face(tmp_path, ensemble_file):
     assert probs.shape == (1, len(predictor.classes)) and probs.sum() == pytest.approx(1, abs=1e-4)
     assert list(face["probabilities"].values()) == pytest.approx(probs[0].tolist(), abs=1e-3)
     assert predictor.predict(Image.open(image), detect=False) == [face]  # a PIL image works like its path
+
+
+def test_a_batch_s_views_in_one_pass_answer_as_one_pass_per_view(trained_runs):
+    """batched_probs stacks each batch's TTA views into one forward pass; the answer is each view's own pass,
+    averaged, whatever the batch size (here one image per pass, and all of them at once)."""
+    model = inference.load_member(trained_runs / "model_y" / "best.pt").model
+    images = torch.from_numpy(synthetic.render_split("test", 2, seed=9)[0]).unsqueeze(1)
+    with torch.inference_mode():
+        views = inference.tta_views(images.float() / 255, "tencrop-full")
+        expected = sum(torch.softmax(model(v), dim=1) for v in views).numpy() / len(views)
+    for batch_size in (1, 12, 500):
+        np.testing.assert_allclose(inference.predict_probs(model, images, "tencrop-full", batch_size), expected,
+                                   atol=1e-5)
+
+
+def test_an_annotated_copy_never_takes_an_input_s_name(tmp_path):
+    used = set()
+    photo = tmp_path / "a.png"
+    assert inference.annotated_path(tmp_path, photo, tmp_path, used, ".png") == tmp_path / "a-2.png"  # --out = input
+    assert inference.annotated_path(tmp_path / "out", photo, tmp_path, used, ".png") == tmp_path / "out" / "a.png"
+    assert inference.annotated_path(tmp_path / "out", photo, tmp_path, used, ".png") == tmp_path / "out" / "a-3.png"
+    nested = tmp_path / "trip" / "day 1.jpg"
+    assert inference.annotated_path(tmp_path / "out", nested, tmp_path, used, ".avi").name == "trip_day_1.avi"
 
 
 def test_an_opencv_without_haar_cascades_gets_a_usage_error_naming_the_fix(monkeypatch):

@@ -33,8 +33,8 @@ def clip(tmp_path_factory):
     return path, synthetic_video.write_clip(path, frames=FRAMES, fps=FPS)
 
 
-def framed_face(predictor, gray):
-    """Stands in for Predictor.find_faces: the white frame that synthetic_video draws around the face."""
+def framed_face(gray, cascade):
+    """Stands in for inference.cascade_faces: the white frame that synthetic_video draws around the face."""
     return synthetic_video.find_framed_face(gray)
 
 
@@ -58,7 +58,7 @@ def top_switches(lines):
 
 def test_json_lines_annotated_video_and_summary(tmp_path, clip, ensemble_file, monkeypatch, capsys):
     path, boxes = clip
-    monkeypatch.setattr(inference.Predictor, "find_faces", framed_face)
+    monkeypatch.setattr(inference, "cascade_faces", framed_face)
     out = tmp_path / "annotated"
     (result,) = predict.main([str(path), "--json", "--out", str(out), "--ensemble", ensemble_file,
                               "--detect-every", "3", "--detect-side", "160"])  # detection at half size
