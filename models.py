@@ -1,15 +1,13 @@
 """The CNN architectures and their registry.
 
 Every network takes a batch of 1x48x48 grayscale faces scaled to [0, 1] and returns class logits.
-No input normalisation is needed: each starts with a convolution followed by batch norm (model_e
-equalises each face's histogram first, as a layer of its own).
+No input normalisation is needed: each starts with a convolution followed by batch norm.
 Adding an architecture is one function, `@register(epochs=N)`, that builds it for a number of classes:
 train.py's --models, `python models.py` and checkpoint loading then know it by the function's name.
 """
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-from torchvision.ops import StochasticDepth
 
 # Every architecture by name, in registration order: (function(num_classes) -> network, default --epochs).
 MODELS = {}
@@ -65,35 +63,29 @@ def model_x(num_classes, width=32, dropout=0.1):
 
 class ResidualBlock(nn.Module):
     """Two 3x3 conv-BN layers added to a shortcut (1x1-projected where the width changes), then ReLU:
-    a ResNet basic block. In training, `drop_path` is the chance that an image skips the two convs and
-    takes the shortcut alone (stochastic depth, Huang et al. 2016); it holds no weights, so checkpoints
-    load whatever it was."""
+    a ResNet basic block."""
 
-    def __init__(self, in_channels, out_channels, drop_path=0.0):
+    def __init__(self, in_channels, out_channels):
         super().__init__()
         self.body = nn.Sequential(*conv_bn_relu(in_channels, out_channels), *conv_bn(out_channels, out_channels))
         self.shortcut = (nn.Sequential(*conv_bn(in_channels, out_channels, kernel_size=1))
                          if in_channels != out_channels else nn.Identity())
-        self.drop_path = StochasticDepth(drop_path, mode="row")
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x):
-        return self.relu(self.drop_path(self.body(x)) + self.shortcut(x))
+        return self.relu(self.body(x) + self.shortcut(x))
 
 
-def residual_network(num_classes, width, dropout, blocks, drop_path=0.0):
+def residual_network(num_classes, width, dropout, blocks):
     """A 5x5 stem and max-pooling (48->24), then three stages of residual blocks, `blocks[i]` in stage i,
     at widths 2, 4 and 8 times `width` (24->12->6 with max-pooling between), global average pooling, dropout
-    and a linear classifier. The blocks' stochastic-depth rates rise linearly to `drop_path` at the last
-    one, the rule of Huang et al. 2016. The registered models leave it off: it made model_z better alone
-    but a worse ensemble member, and model_y worse alone (docs/results.md, ablations)."""
+    and a linear classifier."""
     layers, in_channels = [*conv_bn_relu(1, width, kernel_size=5), nn.MaxPool2d(2)], width
-    rates = iter(drop_path * (i + 1) / sum(blocks) for i in range(sum(blocks)))
     for stage, count in enumerate(blocks):
         out_channels = width * 2 ** (stage + 1)
         layers += [nn.MaxPool2d(2)] if stage else []
         for _ in range(count):
-            layers.append(ResidualBlock(in_channels, out_channels, next(rates)))
+            layers.append(ResidualBlock(in_channels, out_channels))
             in_channels = out_channels
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
                          nn.Linear(in_channels, num_classes))
@@ -120,40 +112,6 @@ def model_z(num_classes, width=32, dropout=0.3):
     for the ensemble, deeper than both others; the longest-trained member of the 3-hour budget, whose
     ensemble gained more from its 80 epochs than from 40 (docs/results.md, ablations)."""
     return residual_network(num_classes, width, dropout, blocks=(1, 2, 2))
-
-
-@register(epochs=60)
-def model_w(num_classes, width=40, dropout=0.3):
-    """model_y a quarter wider: wide and shallow where model_z is narrow and deep (Zagoruyko & Komodakis
-    2016 found widening residual networks a cheaper way to accuracy than deepening them). Tried as a
-    fourth member of the 3-hour budget, where the same minutes bought more as model_z's longer schedule."""
-    return model_y(num_classes, width=width, dropout=dropout)
-
-
-class HistogramEqualization(nn.Module):
-    """Maps each image's grey levels through that image's own cumulative histogram (histogram
-    equalisation), so that every face spans the whole range evenly whatever its lighting and contrast.
-    A layer of the network rather than a step of the data pipeline, so that training, evaluation,
-    predict.py and the ONNX export all apply it without knowing of it; built from a scatter-add, a
-    cumulative sum and a gather, which run batched on any device and export to ONNX. No weights."""
-
-    def forward(self, images):
-        levels = images.mul(255).round().clamp(0, 255).long().flatten(1)
-        # float32 whatever the input's precision: fp16 counts stop being exact above 2048 pixels.
-        counts = images.new_zeros(levels.shape[0], 256, dtype=torch.float).scatter_add_(
-            1, levels, images.new_ones(levels.shape, dtype=torch.float))
-        fraction_at_or_below = counts.cumsum(1) / levels.shape[1]
-        return fraction_at_or_below.gather(1, levels).view_as(images).to(images.dtype)
-
-
-@register(epochs=72)
-def model_e(num_classes, width=32, dropout=0.3):
-    """model_y on histogram-equalised faces: the same shape and schedule, but a member that sees every
-    face with its contrast evened out, so that its mistakes differ from those of members that see the
-    raw grey levels. Shin, Kim & Kwon 2016 (baseline CNN structure analysis for facial expression
-    recognition) compared five input preprocessings for FER networks and found histogram equalisation
-    the most effective."""
-    return nn.Sequential(HistogramEqualization(), model_y(num_classes, width=width, dropout=dropout))
 
 
 def check_known(name):

@@ -7,7 +7,7 @@ checkpoints, is reused), and prints one table line per budget, naming any member
 
     python benchmarks/accuracy.py --budgets 20min 90min 3h    # train what is missing, evaluate, print the table
     python benchmarks/accuracy.py --skip-training              # the table from the runs already trained
-    python benchmarks/accuracy.py --budgets 20min --label mix -- --mixup 0.2 --cutmix 1   # an ablation line
+    python benchmarks/accuracy.py --budgets 20min --label ls0 -- --label-smoothing 0   # an ablation line
 
 Runs go to --out/<budget>[-<label>]/; the table to --out/accuracy.md and accuracy.json. Each train.py
 call is timed with the machine's matmul peak (in the precision train.py trains in there) measured just
@@ -193,7 +193,7 @@ def markdown_table(results, data):
     return "\n".join(lines)
 
 
-def main():
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "fer2013"),
@@ -203,8 +203,13 @@ def main():
     parser.add_argument("--label", default="", help="suffix of the run folders, for an ablation with extra flags")
     parser.add_argument("--out", default="runs/budgets", help="folder for the runs, reports and the table")
     parser.add_argument("--skip-training", action="store_true", help="evaluate only the runs already trained")
-    parser.add_argument("train_args", nargs="*", help="extra train.py flags, after --, e.g. -- --ema-decay 0")
-    args = parser.parse_args()
+    parser.add_argument("train_args", nargs="*",
+                        help="extra train.py flags, after --, e.g. -- --label-smoothing 0")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if not Path(args.data).is_dir():
         sys.exit(f"error: {args.data} is not a folder; pass --data with FER-2013's train/ and val/ folders")
     root = (ROOT / args.out).resolve()

@@ -23,8 +23,7 @@ from torchvision import datasets, transforms as T
 
 from common import MATMUL_SIZE, ROOT, machine, matmul_peak, publish, timings
 
-from ferkit import augment  # noqa: E402  (common put the repository on the path)
-from ferkit import cli  # noqa: E402
+from ferkit import cli  # noqa: E402  (common put the repository on the path)
 import data  # noqa: E402
 import evaluate  # noqa: E402
 from ferkit import inference  # noqa: E402
@@ -93,7 +92,7 @@ def load_splits(choice, temporary):
 
 
 def trainer(name, classes, device, precision, memory_format):
-    """Model, optimizer and scaler set up as train.train_model does."""
+    """Model, optimizer and scaler set up as train.set_up does."""
     torch.manual_seed(TRAIN.seed)
     model = build_model(name, classes).to(device, memory_format=memory_format).train()
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -112,7 +111,7 @@ def ours(name, split, device, precision, memory_format=torch.channels_last):
     trained = trainer(name, len(split.classes), device, precision, memory_format)
     images, labels = split.images.to(device), split.labels.to(device)
     generator = torch.Generator(device).manual_seed(TRAIN.seed)
-    augmentation = augment.settings(TRAIN)
+    augmentation = data.augmentation_settings(TRAIN)
     per_epoch = len(labels) // TRAIN.batch_size  # full batches only, so every timed batch is the same size
     state = {"batch": 0, "order": None}
 
@@ -122,7 +121,7 @@ def ours(name, split, device, precision, memory_format=torch.channels_last):
             state["order"] = train.epoch_order(len(labels), TRAIN.seed, epoch, device)
         index = state["order"][batch * TRAIN.batch_size:(batch + 1) * TRAIN.batch_size]
         state["batch"] += 1
-        x = augment.augment_batch(images[index].float().div_(255), generator, **augmentation)
+        x = data.augment_batch(images[index].float().div_(255), generator, **augmentation)
         return step_on(trained, x, labels[index], device, precision, memory_format)
     return step
 

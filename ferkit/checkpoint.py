@@ -47,16 +47,6 @@ def open_run(name, args, classes, run_dir):
     if checkpoint.get("model_name") != name or checkpoint.get("classes") != classes:
         raise UsageError(f"--resume: {last} is a {checkpoint.get('model_name')} run on classes "
                          f"{checkpoint.get('classes')}, not {name} on {classes}. Use another --out.")
-    return with_current_names(checkpoint)
-
-
-def with_current_names(checkpoint):
-    """`checkpoint` with its weight average under today's names: runs from before --swa-epochs saved it
-    as "ema" and its metrics column as ema_val_acc."""
-    average = checkpoint.pop("ema", None)
-    checkpoint.setdefault("average", average)
-    checkpoint["metrics"] = [{("average_val_acc" if key == "ema_val_acc" else key): value
-                              for key, value in row.items()} for row in checkpoint["metrics"]]
     return checkpoint
 
 
@@ -80,15 +70,14 @@ def given_flags(parser, argv=None):
 
 def resumed_config(args, given, checkpoint):
     """The run's saved settings, overridden by the flags given on this command line (`given`, from
-    given_flags), even where a given value equals the default; a flag the run predates takes its value now."""
-    config = dict(checkpoint["config"])
-    config.update({key: value for key, value in vars(args).items() if key in given or key not in config})
-    # One scheduler's state means nothing to another; runs from before --swa-epochs had none.
-    for flag, predated in (("schedule", config["schedule"]), ("swa_epochs", 0)):
-        saved = checkpoint["config"].get(flag, predated)
-        if config[flag] != saved:
-            raise UsageError(f"--resume: this run was trained with --{flag.replace('_', '-')} {saved}; it cannot "
-                             f"switch to {config[flag]}. Resume without that flag, or start a new run with --out.")
+    given_flags), even where a given value equals the default; a flag the run predates takes its value now,
+    and a saved setting train.py no longer has is dropped."""
+    saved = checkpoint["config"]
+    config = {key: value if key in given or key not in saved else saved[key] for key, value in vars(args).items()}
+    # One scheduler's state means nothing to another.
+    if config["schedule"] != saved.get("schedule", config["schedule"]):
+        raise UsageError(f"--resume: this run was trained with --schedule {saved['schedule']}; it cannot switch to "
+                         f"{config['schedule']}. Resume without that flag, or start a new run with --out.")
     return argparse.Namespace(**config)
 
 
@@ -109,7 +98,7 @@ def with_provenance(args, checkpoint, invocation):
 
 
 # The parts of a scheduler's state that come from flags; the rest (epoch count, best loss, ...) is progress.
-SCHEDULER_SETTINGS = ("T_max", "eta_min", "factor", "patience", "min_lrs", "default_min_lr", "anneal_epochs")
+SCHEDULER_SETTINGS = ("T_max", "eta_min", "factor", "patience", "min_lrs", "default_min_lr")
 
 
 def resume_scheduler(scheduler, saved_state):
@@ -120,7 +109,7 @@ def resume_scheduler(scheduler, saved_state):
 
 
 # The optimizer settings that come from flags; momentum buffers and the scheduled rate are progress.
-OPTIMIZER_SETTINGS = ("momentum", "nesterov", "weight_decay", "swa_lr")
+OPTIMIZER_SETTINGS = ("momentum", "nesterov", "weight_decay")
 
 
 def resume_optimizer(optimizer, saved_state, saved_lr):

@@ -10,13 +10,13 @@ from ferkit.files import write_atomic, write_text_atomic
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "average_val_acc", "lr", "seconds",
-                 "images_per_sec"]
+METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_sec"]
 
 
 def write_metrics(run_dir, metrics):
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=METRIC_FIELDS, lineterminator="\n")
+    # A run resumed from an older checkpoint may have rows with columns no longer written: they are left out.
+    writer = csv.DictWriter(text, fieldnames=METRIC_FIELDS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(metrics)
     write_text_atomic(run_dir / "metrics.csv", text.getvalue())
@@ -28,10 +28,6 @@ def plot_curves(run_dir, metrics, title):
     for split in ("train", "val"):
         loss_axis.plot(epochs, [m[f"{split}_loss"] for m in metrics], marker=".", label=split)
         acc_axis.plot(epochs, [100 * m[f"{split}_acc"] for m in metrics], marker=".", label=split)
-    averaged = [m for m in metrics if m.get("average_val_acc") not in (None, "")]
-    if averaged:  # EMA: every epoch; SWA: its last epochs only
-        acc_axis.plot([m["epoch"] for m in averaged], [100 * m["average_val_acc"] for m in averaged], marker=".",
-                      label="val, weight average")
     loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title=f"{title}: loss")
     acc_axis.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{title}: accuracy")
     for axis in (loss_axis, acc_axis):

@@ -20,6 +20,12 @@ def test_a_budget_resolves_to_the_members_train_py_would_train():
     assert accuracy.budget_members("3h", ["--models", "model_x"]) == ["model_x"]
 
 
+def test_accuracy_parser_passes_the_flags_after_dashes_to_train_py():
+    args = accuracy.build_parser().parse_args(["--budgets", "20min", "--label", "ls0", "--", "--label-smoothing", "0"])
+    assert (args.budgets, args.label, args.train_args) == (["20min"], "ls0", ["--label-smoothing", "0"])
+    assert accuracy.budget_members("20min", args.train_args) == ["model_y"]  # train.py accepts those flags
+
+
 def test_summary_and_table_of_a_trained_budget(trained_runs):
     config = json.loads((trained_runs / "model_x" / "config.json").read_text())
     figures = {"none": 0.5, "flip": 0.55, "tencrop": 0.6, "tencrop-full": 0.62}

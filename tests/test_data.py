@@ -1,4 +1,4 @@
-"""data.py, synthetic.py and augment.py on small fixture trees built here."""
+"""data.py (loading and its training augmentation) and synthetic.py on small fixture trees built here."""
 import os
 
 import numpy as np
@@ -6,7 +6,6 @@ import pytest
 import torch
 from conftest import SHARED_FER, write_class_tree, write_image
 
-from ferkit import augment
 import data
 from ferkit import synthetic
 
@@ -170,18 +169,18 @@ def test_synthetic_sample_grid(tmp_path):
 
 def test_augmentation_shapes_ranges_and_determinism():
     images = torch.rand(64, 1, 48, 48)
-    out = augment.augment_batch(images, torch.Generator().manual_seed(1))
+    out = data.augment_batch(images, torch.Generator().manual_seed(1))
     assert out.shape == images.shape and out.dtype == images.dtype
     assert out.min() >= 0 and out.max() <= 1 and not torch.equal(out, images)
-    assert torch.equal(out, augment.augment_batch(images, torch.Generator().manual_seed(1)))
-    assert not torch.equal(out, augment.augment_batch(images, torch.Generator().manual_seed(2)))
+    assert torch.equal(out, data.augment_batch(images, torch.Generator().manual_seed(1)))
+    assert not torch.equal(out, data.augment_batch(images, torch.Generator().manual_seed(2)))
 
 
 def test_augmentation_off_is_identity_and_flip_flips():
     images = torch.rand(8, 1, 48, 48)
     off = dict(hflip=0, vflip=0, rotation=0, crop_scale=1, brightness=0, contrast=0, erasing=0)
-    assert torch.equal(augment.augment_batch(images, torch.Generator(), **off), images)
-    flipped = augment.augment_batch(images, torch.Generator(), **{**off, "hflip": 1.0})
+    assert torch.equal(data.augment_batch(images, torch.Generator(), **off), images)
+    flipped = data.augment_batch(images, torch.Generator(), **{**off, "hflip": 1.0})
     assert torch.allclose(flipped, images.flip(-1), atol=1e-5)
 
 

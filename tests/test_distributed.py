@@ -17,7 +17,6 @@ from ferkit import cli
 import data
 from ferkit import distributed
 from ferkit import inference
-import models
 from ferkit.checkpoint import load_checkpoint, model_from_checkpoint, restore_rank_rng, rng_state
 import train
 
@@ -28,12 +27,9 @@ RECIPE = ["--data", "synthetic:40", "--models", "model_y", "--threads", "1", "--
           *QUICK_TRAINING, "--lr", "0.02"]
 # A 2-process run against a 1-process run of the same recipe (same seed, initial weights and global
 # batches) differs only in random draws (each process flips and drops out its own way) and in batch norm
-# normalizing each half of a batch apart (--sync-bn, which would remove that, needs GPUs). Measured on
-# this recipe: epoch-1 train loss 2.057 (2 processes) against 2.036 (1), validation loss 1.974 against
-# 1.964, final validation accuracy 16.1% both; on synthetic:60 (4 epochs) and synthetic:100 (6 epochs),
-# epoch-1 losses within 0.02 of each other and final accuracy within 3 points (52.9% against 50.0%).
-# Tolerances: 0.05 on losses, 2.5 times the largest gap seen; 10 points on accuracy. The exact math (the
-# parts' weighted gradients make the whole batch's) is checked without noise further down.
+# normalizing each half of a batch apart (--sync-bn, which would remove that, needs GPUs): close, not equal.
+# The tolerances are a few times the largest gaps seen between the two on synthetic recipes of this size;
+# the exact math (the parts' weighted gradients make the whole batch's) is checked without noise further down.
 LOSS_TOLERANCE = 0.05
 ACCURACY_TOLERANCE = 0.10
 

@@ -1,16 +1,19 @@
 """models.py and train.py: shapes, the registry, a short real training run, checkpoints, resume."""
 import csv
 import itertools
+import math
 
 import pytest
 import torch
-from conftest import QUICK_TRAINING
+from conftest import QUICK_TRAINING, ROOT
+from safetensors import safe_open
 
 from ferkit import cli
 from ferkit import inference
 import models
 from ferkit import device
 from ferkit.checkpoint import given_flags, model_from_checkpoint, resumed_config
+import data
 import train
 
 
@@ -27,28 +30,13 @@ def test_model_y_is_cheaper_than_model_x():
     assert y["macs"] < x["macs"]
 
 
-def test_histogram_equalization_spreads_each_face_over_the_range_and_keeps_its_order_of_grey_levels():
-    torch.manual_seed(0)
-    levels = torch.randint(100, 111, (3, 1, 48, 48))  # dim, low-contrast faces: eleven grey levels
-    equalize = models.HistogramEqualization()
-    equalized = equalize(levels / 255)
-    assert equalized.amax(dim=(1, 2, 3)).eq(1).all() and equalized.amin(dim=(1, 2, 3)).lt(0.2).all()
-    order = levels.flatten(1).argsort(dim=1)
-    assert equalized.flatten(1).gather(1, order).diff(dim=1).ge(0).all()  # brighter stays brighter
-    assert torch.equal(equalize(levels * 2 / 255), equalized)  # same ranks, same picture
-    assert torch.equal(equalize(levels[1:2] / 255), equalized[1:2])  # each image by its own histogram
-
-
-def test_stochastic_depth_skips_blocks_only_in_training_and_holds_no_weights():
-    torch.manual_seed(0)
-    plain, dropping = (models.residual_network(7, 8, 0.0, blocks=(1, 1, 1), drop_path=p) for p in (0.0, 1.0))
-    assert plain.state_dict().keys() == dropping.state_dict().keys()
-    dropping.load_state_dict(plain.state_dict())
-    images = torch.rand(4, 1, 48, 48)
-    assert torch.equal(plain.eval()(images), dropping.eval()(images))
-    block = dropping[8]  # the last residual block, whose rate is drop_path itself
-    x = torch.rand(4, 32, 6, 6)
-    assert torch.equal(block.train()(x), torch.relu(block.shortcut(x)))
+@pytest.mark.parametrize("name", ["model_x", "model_y", "model_z"])
+def test_shipped_weights_fit_the_registered_architecture(name):
+    """weights/*.safetensors (and checkpoints of today's runs) load into the architecture as models.py builds it."""
+    with safe_open(ROOT / "weights" / f"{name}.safetensors", "pt") as shipped:
+        shapes = {key: tuple(shipped.get_slice(key).get_shape()) for key in shipped.keys()}
+    fresh = models.build_model(name, 7).state_dict()
+    assert shapes == {key: tuple(value.shape) for key, value in fresh.items()}
 
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
@@ -75,6 +63,9 @@ def test_help_lists_every_flag_with_its_default(capsys):
         assert any(option in text for option in action.option_strings), action.dest
         assert action.help and action.help in text
     assert text.count("(default:") == len(parser._actions) - 1
+    for removed in ("--teacher", "--distill-weight", "--teacher-tta", "--restarts", "--swa-epochs", "--swa-lr",
+                    "--ema-decay", "--mixup", "--cutmix", "--mix-prob"):
+        assert removed not in text, removed
 
 
 def run(tmp_path, *extra, epochs=1, data="synthetic:20", models_=("model_x",)):
@@ -84,29 +75,18 @@ def run(tmp_path, *extra, epochs=1, data="synthetic:20", models_=("model_x",)):
 
 
 def test_short_training_beats_chance_clearly(tmp_path):
-    run_dir = run(tmp_path, epochs=6, data="synthetic:100")
+    # fp32 whatever the CPU, so the verdict does not ride on bf16 rounding (issue #36); at the default --lr
+    # model_y learns these faces far past a bar of 40% (chance is 1/7) within 6 epochs, which leaves a wide
+    # margin for another CPU's fp32 kernels.
+    run_dir = run(tmp_path, "--precision", "fp32", "--lr", "0.03", epochs=6, data="synthetic:100",
+                  models_=("model_y",))
     with open(run_dir / "metrics.csv") as file:
         rows = list(csv.DictReader(file))
     assert [int(r["epoch"]) for r in rows] == list(range(1, 7))
     best = max(float(r["val_acc"]) for r in rows)
-    assert best > 2 / 7, f"best validation accuracy {best:.3f} is not clearly above chance (1/7)"
-    assert float(rows[0]["val_acc"]) < 0.9  # the task is not trivial
+    assert best > 0.4, f"best validation accuracy {best:.3f} is not clearly above chance (1/7)"
+    assert float(rows[0]["val_acc"]) < 0.3  # the task is not trivial: learnt over the epochs, not at once
     assert (run_dir / "curves.png").stat().st_size > 5000
-
-
-def test_restarts_begin_each_cycle_at_the_initial_rate_and_save_its_snapshot(tmp_path):
-    run_dir = run(tmp_path, "--restarts", "2", epochs=4, models_=("model_y",))
-    with open(run_dir / "metrics.csv") as file:
-        rates = [float(r["lr"]) for r in csv.DictReader(file)]
-    assert rates[0] == rates[2] == 0.01 and rates[1] < rates[0]
-    snapshots = [run_dir / "snapshot_1.pt", run_dir / "snapshot_2.pt"]
-    assert torch.load(snapshots[0], weights_only=True)["progress"]["epoch"] == 2
-    assert inference.unique_names(snapshots) == ["model_y-snapshot_1", "model_y-snapshot_2"]
-
-
-def test_restarts_must_divide_the_epochs(tmp_path):
-    with pytest.raises(cli.UsageError, match="--epochs 3 is not a multiple of --restarts 2"):
-        run(tmp_path, "--restarts", "2", epochs=3, models_=("model_y",))
 
 
 def test_checkpoints_load_with_weights_only_and_hold_the_run(tmp_path):
@@ -143,13 +123,9 @@ def test_resume_after_whole_epochs_matches_uninterrupted_run(tmp_path):
         assert [int(r["epoch"]) for r in csv.DictReader(file)] == [1, 2, 3]
 
 
-AVERAGE_AND_MIX = ("--ema-decay", "0.9", "--mixup", "0.4", "--cutmix", "1.0", "--mix-prob", "0.5")
-SWA_LAST_EPOCH = ("--swa-epochs", "1", "--swa-lr", "0.004")
-
-
-@pytest.mark.parametrize("extra", [(), AVERAGE_AND_MIX, SWA_LAST_EPOCH], ids=["plain", "average-and-mix", "swa"])
-def test_interrupt_mid_epoch_saves_and_resume_matches(tmp_path, monkeypatch, capsys, extra):
-    whole = run(tmp_path / "whole", *extra, epochs=2)
+def test_interrupt_mid_epoch_saves_and_resume_matches(tmp_path, monkeypatch, capsys):
+    # Under the default cosine schedule; both runs in fp32 (QUICK_TRAINING), so equality is exact.
+    whole = run(tmp_path / "whole", epochs=2)
     real_step = train.train_step
     calls = itertools.count()
 
@@ -161,7 +137,7 @@ def test_interrupt_mid_epoch_saves_and_resume_matches(tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(train, "train_step", step_then_interrupt)
     with pytest.raises(SystemExit) as stopped:
-        run(tmp_path / "cut", *extra, epochs=2)
+        run(tmp_path / "cut", epochs=2)
     assert stopped.value.code == 130 and "--resume" in capsys.readouterr().out
     monkeypatch.undo()
     train.stop_requested.clear()
@@ -169,50 +145,23 @@ def test_interrupt_mid_epoch_saves_and_resume_matches(tmp_path, monkeypatch, cap
     assert (progress["epoch"], progress["batch"]) == (1, 2)
     train.main(["--resume", "--out", str(tmp_path / "cut"), "--models", "model_x"])
     assert_same_weights(final_weights(whole), final_weights(tmp_path / "cut" / "model_x"))
-    if extra:
-        averages = [torch.load(d / "last.pt", weights_only=True)["average"]
-                    for d in (whole, tmp_path / "cut" / "model_x")]
-        assert_same_weights(*averages)
 
 
-def test_the_weight_average_is_validated_and_saved_as_best(tmp_path):
-    run_dir = run(tmp_path, *AVERAGE_AND_MIX, epochs=3, data="synthetic:30")
+def test_a_checkpoint_from_before_the_removed_flags_resumes(tmp_path):
+    """Checkpoints written before mixup, weight averaging, restarts and distillation left train.py hold an
+    "average" entry, those flags in their config and an average_val_acc column: resuming ignores them."""
+    run_dir = run(tmp_path, epochs=1, models_=("model_y",))
+    checkpoint = torch.load(run_dir / "last.pt", weights_only=True)
+    checkpoint["average"] = None
+    checkpoint["config"].update(ema_decay=0.0, swa_epochs=0, swa_lr=0.01, restarts=1, mixup=0.0, cutmix=0.0,
+                                mix_prob=1.0, teacher=None, distill_weight=0.5, teacher_tta="flip")
+    checkpoint["metrics"] = [{**row, "average_val_acc": ""} for row in checkpoint["metrics"]]
+    torch.save(checkpoint, run_dir / "last.pt")
+    train.main(["--resume", "--out", str(tmp_path), "--models", "model_y", "--epochs", "2"])
+    resumed = torch.load(run_dir / "last.pt", weights_only=True)
+    assert resumed["progress"]["epoch"] == 2 and "average" not in resumed and "mixup" not in resumed["config"]
     with open(run_dir / "metrics.csv") as file:
-        rows = list(csv.DictReader(file))
-    best = torch.load(run_dir / "best.pt", weights_only=True)
-    assert best["progress"]["best_val_acc"] == pytest.approx(max(float(r["average_val_acc"]) for r in rows), abs=1e-5)
-    # best.pt's weights are the average's at that epoch, batch-norm statistics included, not the trained ones.
-    assert_same_weights(best["model"], {key[len("module."):]: value for key, value in best["average"].items()
-                                        if key.startswith("module.")})
-    last = torch.load(run_dir / "last.pt", weights_only=True)
-    assert not torch.equal(last["model"]["0.weight"], last["average"]["module.0.weight"])
-
-
-def test_swa_decays_to_its_rate_then_averages_the_last_epochs_into_best(tmp_path):
-    run_dir = run(tmp_path, "--swa-epochs", "2", "--swa-lr", "0.004", epochs=4, models_=("model_y",))
-    with open(run_dir / "metrics.csv") as file:
-        rows = list(csv.DictReader(file))
-    # QUICK_TRAINING's --lr 0.01, halfway to the SWA rate after one of the two decay epochs, then held there
-    assert [float(r["lr"]) for r in rows] == pytest.approx([0.01, 0.007, 0.004, 0.004])
-    assert [r["average_val_acc"] != "" for r in rows] == [False, False, True, True]
-    last = torch.load(run_dir / "last.pt", weights_only=True)
-    assert last["average"]["n_averaged"] == 2
-    best = torch.load(run_dir / "best.pt", weights_only=True)
-    accuracies = [float(r["average_val_acc"] or r["val_acc"]) for r in rows]
-    assert best["progress"]["best_val_acc"] == pytest.approx(max(accuracies), abs=1e-5)
-    if max(accuracies) > max(accuracies[:2]):  # the average won: best.pt holds it, not the trained weights
-        assert_same_weights(best["model"], {key[len("module."):]: value for key, value in best["average"].items()
-                                            if key.startswith("module.")})
-
-
-@pytest.mark.parametrize("extra, message", [
-    (("--swa-epochs", "2", "--ema-decay", "0.9"), "without --ema-decay"),
-    (("--swa-epochs", "2", "--schedule", "plateau"), "one cosine cycle"),
-    (("--swa-epochs", "3"), "fewer than --epochs 3"),
-])
-def test_swa_flags_that_cannot_work_are_refused(tmp_path, extra, message):
-    with pytest.raises(cli.UsageError, match=message):
-        run(tmp_path, *extra, epochs=3, models_=("model_y",))
+        assert [int(r["epoch"]) for r in csv.DictReader(file)] == [1, 2]
 
 
 def test_existing_run_is_not_overwritten_by_accident(tmp_path):
@@ -222,11 +171,11 @@ def test_existing_run_is_not_overwritten_by_accident(tmp_path):
     run(tmp_path, "--overwrite")
 
 
-def test_a_flag_refused_for_a_later_model_is_refused_before_the_first_trains(tmp_path):
-    # --swa-epochs 65 fits model_y's default 72 epochs but not model_x's 60.
-    with pytest.raises(cli.UsageError, match="fewer than --epochs 60"):
-        train.main(["--data", "synthetic:20", "--out", str(tmp_path), "--models", "model_y", "model_x",
-                    "--swa-epochs", "65", *QUICK_TRAINING])
+def test_a_run_refused_for_a_later_model_is_refused_before_the_first_trains(tmp_path):
+    run(tmp_path, models_=("model_x",))
+    with pytest.raises(cli.UsageError, match="model_x already holds a run"):
+        train.main(["--data", "synthetic:5", "--epochs", "1", "--out", str(tmp_path), "--models", "model_y", "model_x",
+                    *QUICK_TRAINING])
     assert not (tmp_path / "model_y").exists()
 
 
@@ -264,7 +213,7 @@ def test_each_model_has_its_own_epochs_unless_epochs_is_given():
     unset, given = parser.parse_args([]), parser.parse_args(["--epochs", "5"])
     defaults = {name: models.default_epochs(name) for name in models.MODELS}
     assert {name: train.with_model_epochs(unset, name).epochs for name in models.MODELS} == defaults
-    assert defaults == {"model_x": 60, "model_y": 72, "model_z": 80, "model_w": 60, "model_e": 72}  # docs/results.md
+    assert defaults == {"model_x": 60, "model_y": 72, "model_z": 80}  # docs/results.md
     assert {train.with_model_epochs(given, name).epochs for name in models.MODELS} == {5}
     assert "model_x 60, model_y 72" in " ".join(parser.format_help().split())
     # A run started with --epochs 5 and resumed without it keeps its 5, not the model's default.
@@ -335,3 +284,23 @@ def test_cli_run_turns_a_usage_error_into_one_line_and_exit_status_1(tmp_path):
         cli.run(lambda: train.main(["--data", "synthetic:5", "--resume", "--out", str(tmp_path)]))
     message = exit_info.value.code  # sys.exit with a string prints it to stderr and exits with status 1
     assert isinstance(message, str) and message.startswith("error: --resume: no ") and "\n" not in message
+
+
+def test_bf16_trains_with_finite_losses_and_predicts_like_fp32(tmp_path):
+    """What bf16 must do, and no more: a short bf16 run gives finite losses, and a trained model's top-1
+    predictions under bf16 autocast agree with fp32 on at least 90% of a fixed batch (bf16 keeps 8 bits of
+    mantissa, so only images whose two best classes are nearly tied may flip). Tiny, since a CPU without
+    native bf16 kernels emulates it slowly."""
+    run_dir = run(tmp_path, "--precision", "bf16", epochs=1, data="synthetic:5", models_=("model_y",))
+    with open(run_dir / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert all(math.isfinite(float(r[key])) for r in rows for key in ("train_loss", "val_loss"))
+    assert torch.load(run_dir / "last.pt", weights_only=True)["config"]["precision"] == "bf16"
+    shipped = inference.load_member(ROOT / "weights" / "model_y.safetensors").model.eval()
+    images = data.load_split("synthetic:60", "val").images[:64].float() / 255
+    with torch.no_grad():
+        fp32 = shipped(images).argmax(1)
+        with device.autocast(torch.device("cpu"), "bf16"):
+            bf16 = shipped(images).argmax(1)
+    agreement = (fp32 == bf16).float().mean().item()
+    assert agreement >= 0.9, f"bf16 and fp32 agree on {agreement:.0%} of top-1 predictions"
