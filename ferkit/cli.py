@@ -45,13 +45,6 @@ def probability(text):
     return value
 
 
-def non_negative(text):
-    """An argparse type: a float of 0 or more."""
-    value = number(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
 
 def add_device_flags(parser, batch_size, batch_help):
     """--device, --precision, --threads and --batch-size, declared once for every script."""
