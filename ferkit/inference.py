@@ -32,9 +32,13 @@ import data
 import ensemble
 from data import IMAGE_SIZE, check_pixel_limit, to_grayscale
 from ensemble import Description, Member
-from ferkit import onnx_graph
+from ferkit import detect, onnx_graph
 from ferkit.checkpoint import load_checkpoint, model_from_checkpoint
 from ferkit.cli import UsageError
+# The detection names below stay importable from here, where their callers found them before detect.py.
+from ferkit.detect import (CASCADE, DEFAULT_DETECTOR, DETECT_MAX_SIDE, DETECTORS, MARGIN,  # noqa: F401
+                           MIN_FACE_FRACTION, MIN_FACE_PIXELS, cascade_faces, crop_face, detect_faces, face_crop,
+                           load_cascade, load_detector)
 from ferkit.device import autocast, pick_device, resolve_precision
 from ferkit.files import safe_filename
 from models import MODELS, build_model
@@ -48,10 +52,6 @@ RESTORE_HINT = "Restore the shipped files with: git checkout weights/"
 MODEL_FLAGS_HINT = ("name your own models with --runs DIR (its evaluation/ensemble.json, else its **/best.pt; "
                     "python train.py makes them), --ensemble FILE or --checkpoints FILE ...")
 
-CASCADE = "haarcascade_frontalface_default.xml"
-MARGIN = 0.12  # Haar boxes stop at the brows and chin; FER-2013 crops show a little more around them
-MIN_FACE_FRACTION, MIN_FACE_PIXELS = 0.1, 24
-DETECT_MAX_SIDE = 1280  # the cascade's time grows with pixels; faces this tool cares about survive it
 
 
 class Choice(NamedTuple):
@@ -313,47 +313,9 @@ def cached_session(members, about, threads=None):
     return onnx_graph.open_session(path, threads)[0], path
 
 
-def load_cascade():
-    """OpenCV's frontal-face Haar cascade; UsageError naming the fix where this OpenCV has none (OpenCV 5
-    dropped the cascades, and some builds leave out the object-detection module altogether)."""
-    fix = (f"install opencv-python-headless>=4.8,<5 (this is OpenCV {cv2.__version__}; OpenCV 5 no longer ships "
-           "Haar cascades), or pass --no-detect")
-    if not hasattr(cv2, "CascadeClassifier") or not hasattr(cv2, "data"):
-        raise UsageError(f"this OpenCV build cannot detect faces (it has no CascadeClassifier): {fix}")
-    cascade = cv2.CascadeClassifier(cv2.data.haarcascades + CASCADE)
-    if cascade.empty():
-        raise UsageError(f"OpenCV's {CASCADE} is missing: {fix}")
-    return cascade
-
-
-def cascade_faces(gray, cascade):
-    """The cascade's face boxes in `gray` as it is, none smaller than a tenth of its shorter side."""
-    smallest = max(MIN_FACE_PIXELS, round(MIN_FACE_FRACTION * min(gray.shape)))
-    return cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(smallest, smallest))
-
-
-def detect_faces(gray, cascade, max_side=DETECT_MAX_SIDE):
-    """Face boxes (x, y, w, h) in pixels of `gray`, left to right, looked for on a copy whose longest side
-    is at most `max_side`."""
-    height, width = gray.shape
-    scale = min(1.0, max_side / max(height, width))
-    small = cv2.resize(gray, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA) \
-        if scale < 1 else gray
-    return sorted(tuple(int(round(v / scale)) for v in box) for box in cascade_faces(small, cascade))
-
-
-def crop_face(gray, box, margin=MARGIN):
-    """The box grown by `margin` on each side (clipped to the image), as 48x48 uint8, bilinear like data.py."""
-    x, y, w, h = box
-    left, top = max(0, round(x - margin * w)), max(0, round(y - margin * h))
-    right, bottom = min(gray.shape[1], round(x + w + margin * w)), min(gray.shape[0], round(y + h + margin * h))
-    face = Image.fromarray(gray[top:bottom, left:right])
-    return np.asarray(face.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR), dtype=np.uint8)
-
-
-def face_crops(gray, boxes, detected=True):
-    """uint8 [N, 48, 48]: each box's crop, with the margin where the box came from detection."""
-    crops = [crop_face(gray, box, MARGIN if detected else 0) for box in boxes]
+def face_crops(gray, boxes, detected=True, margin=MARGIN):
+    """uint8 [N, 48, 48]: each box's crop, with `margin` where the box came from detection."""
+    crops = [crop_face(gray, box, margin if detected else 0) for box in boxes]
     return np.array(crops, dtype=np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
 
 
@@ -432,7 +394,20 @@ class Predictor:
         self.classes = list(about.classes)
         self.tta = tta or about.tta
         self.batch_size, self.device = batch_size, torch.device(device)
-        self.cascade = None  # loaded on the first detection
+        self.detector, self.align = DEFAULT_DETECTOR, True  # which detector (ferkit.detect), aligned crops
+        self.detect_function = None  # loaded on the first detection
+
+    def use_detector(self, name=DEFAULT_DETECTOR, align=True):
+        """Find faces with detector `name` (one of DETECTORS) from now on; align: cut faces with landmarks
+        out aligned. Loads the detector now, so that a missing model file fails before any work."""
+        self.detect_function = load_detector(name)
+        self.detector, self.align = name, align
+        return self
+
+    @property
+    def box_margin(self):
+        """The margin a crop of one of this detector's boxes needs to be framed like FER-2013's."""
+        return MARGIN if self.detector == "haar" else detect.CENTERFACE_MARGIN
 
     @classmethod
     def from_members(cls, members, tta="none", device="auto", precision="auto", batch_size=128, backend="torch",
@@ -492,19 +467,28 @@ class Predictor:
             return np.zeros((0, len(self.classes)))
         return self.probabilities(torch.from_numpy(faces.copy()).unsqueeze(1))  # a writable copy, as torch wants
 
+    def detected(self, gray, max_side=DETECT_MAX_SIDE):
+        """The faces (ferkit.detect.Face: box, landmarks, score) in a grayscale image, left to right."""
+        if self.detect_function is None:
+            self.use_detector(self.detector, self.align)
+        return self.detect_function(gray, max_side)
+
     def find_faces(self, gray, max_side=DETECT_MAX_SIDE):
-        if self.cascade is None:
-            self.cascade = load_cascade()
-        return detect_faces(gray, self.cascade, max_side)
+        return [face.box for face in self.detected(gray, max_side)]
 
     def face_boxes(self, gray, detect=True, max_side=DETECT_MAX_SIDE):
         """The faces' boxes in a grayscale image; detect=False: the whole image is one face."""
         return self.find_faces(gray, max_side) if detect else [(0, 0, gray.shape[1], gray.shape[0])]
 
     def locate(self, gray, detect=True):
-        """(boxes, their 48x48 crops) of the faces in a grayscale image: the first half of an answer."""
-        boxes = self.face_boxes(gray, detect)
-        return boxes, face_crops(gray, boxes, detect)
+        """(boxes, their 48x48 crops) of the faces in a grayscale image: the first half of an answer.
+        detect=False: the whole image is one face."""
+        if not detect:
+            whole = [(0, 0, gray.shape[1], gray.shape[0])]
+            return whole, face_crops(gray, whole, detected=False)
+        faces = self.detected(gray)
+        crops = np.array([face_crop(gray, face, self.align) for face in faces], dtype=np.uint8)
+        return [face.box for face in faces], crops.reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
 
     def answer(self, located, top_k=3):
         """The second half: for each image's (boxes, crops), its faces [{"box", "top", "probabilities"}],

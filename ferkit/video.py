@@ -33,7 +33,7 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpe
 OUTPUT_FOURCC, OUTPUT_SUFFIX = "MJPG", ".avi"  # every OpenCV build writes it; each frame decodes on its own
 DEFAULT_FPS = 30.0  # for streams that do not say (most webcams, some files)
 MIN_IOU = 0.3  # boxes of one face in two detections overlap at least this much
-MAX_MISSED_DETECTIONS = 3  # the cascade misses a face now and then: its track outlives a few misses
+MAX_MISSED_DETECTIONS = 3  # a detector misses a face now and then: its track outlives a few misses
 MAX_FAILED_READS = 5  # consecutive failed reads that end a stream; fewer, followed by a frame, are skipped
 FRAME_COUNT_SLACK = 0.02  # containers such as mkv and webm estimate their frame count from the duration
 SMOOTHING, DETECT_EVERY, DETECT_SIDE = 0.6, 5, 320  # the flags' defaults, shared with the speed benchmark
@@ -189,7 +189,8 @@ def classify(predictor, gray, tracks, args):
     """Update each track's smoothed probabilities with its face in this frame, all faces in one batch."""
     if not tracks:
         return
-    probs = predictor.predict_faces(face_crops(gray, [t.box for t in tracks], not args.no_detect))
+    probs = predictor.predict_faces(face_crops(gray, [t.box for t in tracks], not args.no_detect,
+                                                predictor.box_margin))
     for track, p in zip(tracks, probs):
         track.probs = smooth(track.probs, p, args.smoothing)
 

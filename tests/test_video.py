@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ferkit import cli
+from ferkit import detect
 from ferkit import inference
 import predict
 from ferkit import synthetic
@@ -34,7 +35,8 @@ def clip(tmp_path_factory):
 
 
 def framed_face(gray, cascade):
-    """Stands in for inference.cascade_faces: the white frame that synthetic_video draws around the face."""
+    """Stands in for detect.cascade_faces (with --detector haar): the white frame that synthetic_video
+    draws around the face."""
     return synthetic_video.find_framed_face(gray)
 
 
@@ -58,9 +60,9 @@ def top_switches(lines):
 
 def test_json_lines_annotated_video_and_summary(tmp_path, clip, ensemble_file, monkeypatch, capsys):
     path, boxes = clip
-    monkeypatch.setattr(inference, "cascade_faces", framed_face)
+    monkeypatch.setattr(detect, "cascade_faces", framed_face)
     out = tmp_path / "annotated"
-    (result,) = predict.main([str(path), "--json", "--out", str(out), "--ensemble", ensemble_file,
+    (result,) = predict.main([str(path), "--json", "--out", str(out), "--ensemble", ensemble_file, "--detector", "haar",
                               "--detect-every", "3", "--detect-side", "160"])  # detection at half size
     captured = capsys.readouterr()
     lines = json_lines(captured.out)

@@ -1,0 +1,45 @@
+"""The scene benchmark's generator (benchmarks/scenes.py), on synthetic faces: faces land at their known
+boxes, sizes and tilts, the ceiling crop turns them upright, and matching counts found and false boxes."""
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import scenes  # noqa: E402  (benchmarks/ on the path)
+from ferkit import detect, synthetic  # noqa: E402
+
+
+def synthetic_faces():
+    return synthetic.render_split("test", 2)[0]  # uint8 [14, 48, 48]
+
+
+def test_scenes_place_faces_at_known_boxes_sizes_and_tilts():
+    faces = synthetic_faces()
+    rng = np.random.default_rng(0)
+    generated = [scenes.make_scene(rng, faces) for _ in range(12)]
+    placed = [p for _, ps in generated for p in ps]
+    assert all(scene.shape == (480, 640) and scene.dtype == np.uint8 for scene, _ in generated)
+    assert all(1 <= len(ps) <= 3 for _, ps in generated) and len(placed) > 12
+    assert all(70 <= p.side <= 220 and abs(p.tilt) in scenes.TILTS for p in placed)
+    for scene, ps in generated:
+        for p in ps:  # the ceiling crop of each face is that face, upright, at its box
+            crop = scenes.ceiling_crop(scene, p).astype(float)
+            source = faces[p.index].astype(float)
+            inner = slice(6, 42)  # the corners of a tilted face's square hold background
+            assert np.abs(crop[inner, inner] - source[inner, inner]).mean() < 12
+    assert np.array_equal(scenes.make_scene(np.random.default_rng(0), faces)[0], generated[0][0])  # seeded
+
+
+def test_matching_counts_found_faces_and_false_boxes():
+    placed = [scenes.Placed((100, 100), 100, 0, 0), scenes.Placed((400, 300), 150, 10, 1)]
+    found = [detect.Face((60, 55, 90, 95)), detect.Face((500, 20, 60, 60)), detect.Face((330, 230, 140, 140))]
+    assert scenes.match(found, placed) == {0: 0, 1: 2}
+    crops, false_boxes = scenes.read_back([(np.zeros((480, 640), np.uint8), placed)], [found], align=False)
+    assert false_boxes == 1 and all(c.shape == (48, 48) for c in crops)
+
+
+def test_the_parser_takes_the_documented_flags():
+    args = scenes.build_parser().parse_args(["--scenes", "20", "--tta", "flip", "--out", "x.json"])
+    assert (args.scenes, args.tta, args.out) == (20, "flip", "x.json")
+    assert args.detectors == list(detect.DETECTORS)
