@@ -23,14 +23,13 @@ from types import SimpleNamespace
 
 import cv2
 import gradio as gr
-import numpy as np
 import torch
 from matplotlib.figure import Figure
 from PIL import Image, UnidentifiedImageError
 
-from ferkit import cli, synthetic, video
+from ferkit import cli, onnx_graph, synthetic, video
 from ferkit.detect import DEFAULT_DETECTOR, DETECTORS
-from ferkit.inference import TTA_CHOICES, Predictor, annotate, choose_models, log, open_image
+from ferkit.inference import ONE_FACE_TTA, TTA_CHOICES, Predictor, annotate, choose_models, log, open_image
 
 MAX_FILE_SIZE = "10mb"  # larger uploads are refused by Gradio before they reach the models
 EXAMPLES_DIR = Path("runs/app-examples")  # ignored by git: the examples are drawn at start-up, never committed
@@ -53,12 +52,15 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli.add_model_flags(p)
-    p.add_argument("--tta", default=None, choices=TTA_CHOICES, help="the page's first choice; unset: the ensemble's")
+    p.add_argument("--tta", default=ONE_FACE_TTA, choices=TTA_CHOICES, help="the page's first choice, as in predict.py")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on; 0.0.0.0 opens it to the network")
     p.add_argument("--port", type=cli.positive(int), default=7860, help="port to serve on")
     p.add_argument("--examples", default=str(EXAMPLES_DIR), help="folder the example images are written to")
     p.add_argument("--detector", default=DEFAULT_DETECTOR, choices=DETECTORS,
                    help="centerface (five landmarks, aligned crops) or haar (OpenCV's cascade), as in predict.py")
+    p.add_argument("--backend", default="auto", choices=onnx_graph.BACKENDS,
+                   help="as in predict.py: auto runs ONNX Runtime on a CPU (the shipped ensemble as its int8 graph), "
+                        "torch on a GPU")
     cli.add_device_flags(p, batch_size=64, batch_help="faces per forward pass")
     return p
 
@@ -68,13 +70,14 @@ def load_predictors(args):
     only, so one visitor's choice never changes what another visitor's request runs with."""
     choice = choose_models(args.checkpoints, args.ensemble, args.runs)
     log(f"models from {choice.source}: {', '.join(str(m.path) for m in choice.members)}")
-    predictor = Predictor.from_choice(choice, "none", device=args.device, precision=args.precision,
-                                      batch_size=args.batch_size)
-    return tta_variants(predictor.use_detector(args.detector)), args.tta or choice.tta or "none"
+    predictor = Predictor.from_choice(choice, "none", args.backend, args.device, args.batch_size, args.threads,
+                                      precision=args.precision)
+    if predictor.backend == "onnx":
+        log(f"as the ONNX graph {predictor.files[0]} ({predictor.about.precision}), run by ONNX Runtime on CPU")
+    return tta_variants(predictor.use_detector(args.detector)), args.tta
 
 
 def tta_variants(predictor):
-    predictor.find_faces(np.zeros((48, 48), dtype=np.uint8))  # loads the detector once, for every copy
     variants = {tta: copy.copy(predictor) for tta in TTA_CHOICES}
     for tta, variant in variants.items():
         variant.tta = tta
@@ -200,8 +203,8 @@ def build_app(predictors, tta="none", examples=()):
                     "with the probability of each of the seven emotions. Images stay on this machine.")
         with gr.Row():
             tta_choice = gr.Radio(TTA_CHOICES, value=tta, label="Test-time augmentation",
-                                  info="flip, tencrop and tencrop-full average the views: steadier, "
-                                       "2x, 10x and 12x slower")
+                                  info="flip, centre-full, tencrop and tencrop-full average the views: "
+                                       "steadier, 2x, 4x, 10x and 12x slower")
             no_detect = gr.Checkbox(label="No detection (already a face crop)",
                                     info="treat the whole image as one face")
         with gr.Tab("Photo"):

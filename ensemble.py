@@ -24,9 +24,12 @@ from ferkit.cli import UsageError
 from ferkit.files import write_text_atomic
 
 # The test-time augmentations inference.tta_views knows; an ensemble.json records the one it was fitted with.
-TTA_CHOICES = ["none", "flip", "tencrop", "tencrop-full"]
+TTA_CHOICES = ["none", "flip", "centre-full", "tencrop", "tencrop-full"]
 # evaluate.py's when --tta is unset: the best on validation for every budget's ensemble (docs/results.md).
 DEFAULT_TTA = "tencrop-full"
+# predict.py's, app.py's and Predictor.pretrained()'s, where faces come one at a time: a third of
+# tencrop-full's views for a fraction of a point on validation (docs/results.md, "One face at a time").
+ONE_FACE_TTA = "centre-full"
 
 VERSION = 2  # 2: member paths relative to the ensemble file's folder
 
@@ -159,13 +162,21 @@ def record_problem(record):
         sha256, weight = member.get("sha256"), member.get("weight")
         if not isinstance(member.get("path"), str):
             return f'member {number}: "path" must be a string'
-        if not (isinstance(sha256, str) and len(sha256) == 64 and set(sha256) <= set("0123456789abcdef")):
+        if not is_sha256(sha256):
             return f'member {number}: "sha256" must be 64 lowercase hex digits, as file_hash writes them'
         if not is_weight(weight):
             return f'member {number}: "weight" must be a finite number >= 0, not {weight!r}'
     if not any(member["weight"] > 0 for member in members):
         return "every member has weight 0"
+    graph = record.get("int8_graph")
+    if graph is not None and not (isinstance(graph, dict) and isinstance(graph.get("path"), str)
+                                  and is_sha256(graph.get("sha256"))):
+        return '"int8_graph" must be an object with a "path" string and a "sha256" of 64 lowercase hex digits'
     return None
+
+
+def is_sha256(value):
+    return isinstance(value, str) and len(value) == 64 and set(value) <= set("0123456789abcdef")
 
 
 def load_ensemble(path):

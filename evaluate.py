@@ -21,8 +21,8 @@ from ensemble import Member
 from ferkit import cli, onnx_graph
 from ferkit.device import pick_device, resolve_precision
 from ferkit.files import write_atomic, write_text_atomic
-from ferkit.inference import PRETRAINED, TTA_CHOICES, Predictor, align_classes, choose_models, common_classes, \
-    load_members, log, predict_probs, unique_names, weighted_members
+from ferkit.inference import PRETRAINED, TTA_CHOICES, Predictor, align_classes, checked_graph, choose_models, \
+    common_classes, load_members, log, predict_probs, unique_names, weighted_members
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
@@ -40,7 +40,8 @@ def build_parser():
     p.add_argument("--data", default=None, help="data to evaluate on; unset: the data the first checkpoint was trained on")
     p.add_argument("--split", default="test", choices=list(data.SPLIT_ALIASES), help="split to report on")
     p.add_argument("--tta", default=None, choices=TTA_CHOICES,
-                   help="test-time augmentation: none, flip (mirror average), tencrop (corners+centre, mirrored; "
+                   help="test-time augmentation: none, flip (mirror average), centre-full (the centre crop and the "
+                        "whole image, mirrored: predict.py's), tencrop (corners+centre, mirrored; "
                         "ten forward passes per image), tencrop-full (those ten and the whole image, mirrored; "
                         f"twelve); unset: {ensemble.DEFAULT_TTA}, or the shipped ensemble's own with --pretrained")
     p.add_argument("--out", default="runs/evaluation", help="folder for report.json, report.md and the PNGs")
@@ -48,7 +49,7 @@ def build_parser():
                    help="ensemble.json to reuse when it matches the checkpoints (with --backend onnx: the ensemble to "
                         "score); unset: OUT/ensemble.json")
     p.add_argument("--refit", action="store_true", help="refit the ensemble weights even if a matching file exists")
-    onnx_graph.add_backend_flags(p)
+    onnx_graph.add_backend_flags(p, default="torch")
     # Not larger: on CPUs, bf16 inference runs faster in small batches than in large ones (benchmarks/speed.py).
     cli.add_device_flags(p, batch_size=128, batch_help="evaluation batch size")
     return p
@@ -150,8 +151,9 @@ def onnx_choice(args):
 
 
 def onnx_predictor(args):
-    """(the Predictor --backend onnx scores: the file --onnx, or the chosen models' cached graph; the data
-    to score it on, None where neither --data nor the models say)."""
+    """(the Predictor --backend onnx scores: the file --onnx, else the chosen models' int8 graph where their
+    ensemble file records one (as predict.py runs them), else their cached fp32 graph; the data to score it
+    on, None where neither --data nor the models say)."""
     named = [flag for flag, given in (("--checkpoints", args.checkpoints), ("--pretrained", args.pretrained),
                                       ("--ensemble", args.ensemble)) if given]
     onnx_graph.check_backend_flags(args.backend, args.onnx, named)
@@ -161,6 +163,9 @@ def onnx_predictor(args):
     log(f"models from {choice.source}: {', '.join(str(m.path) for m in choice.members)}")
     loaded = load_members(choice.members, "cpu")
     tta = args.tta or choice.tta or ensemble.DEFAULT_TTA
+    if choice.graph:  # the int8 graph predict.py runs on a CPU
+        return Predictor.from_onnx(checked_graph(*choice.graph), tta, args.batch_size, args.threads), \
+            args.data or loaded[0].data
     predictor = Predictor.as_onnx(loaded, tta, choice.method, args.batch_size, args.threads)
     return predictor, args.data or loaded[0].data
 

@@ -9,7 +9,8 @@ The same runs give byte-identical files. An existing weights/ensemble.json with 
 accuracy is kept unless --force is given: shipped weights are replaced only by a better recipe.
 
     python export.py --format onnx          # weights/ensemble.onnx: the whole ensemble as one fp32 graph
-    python export.py --format onnx-int8     # and weights/ensemble-int8.onnx, if int8 keeps the accuracy
+    python export.py --format onnx-int8     # and weights/ensemble-int8.onnx, if int8 keeps the accuracy,
+                                            # recorded in the ensemble file: predict.py runs it on a CPU
 
 The ONNX files are described in onnx_graph.py; predict.py and evaluate.py run them with --backend onnx.
 """
@@ -28,7 +29,7 @@ from ensemble import Member
 from ferkit import cli, onnx_graph
 from ferkit.checkpoint import load_checkpoint
 from ferkit.device import pick_device, resolve_precision
-from ferkit.files import write_atomic
+from ferkit.files import write_atomic, write_text_atomic
 from ferkit.inference import MEMBER_FORMAT, METADATA_KEY, PRETRAINED, Predictor, align_classes, describe, \
     load_members, predict_probs, unique_names, weighted_members
 
@@ -56,7 +57,8 @@ def build_parser():
                    help="safetensors: member files and ensemble.json; onnx: OUT/ensemble.onnx, the ensemble as one "
                         "fp32 graph (float32 pixels 0..255 [N, 1, 48, 48] in, probabilities out; --dtype, --force "
                         "and --train-* do not apply); onnx-int8: that and OUT/ensemble-int8.onnx, statically "
-                        "quantized, written only if its validation accuracy is within 0.5 point of fp32's")
+                        "quantized, written only if its validation accuracy is within 0.5 point of fp32's, and "
+                        "recorded in --ensemble, so that predict.py and app.py run it on a CPU")
     cli.add_device_flags(p, batch_size=128, batch_help="validation batch size")
     return p
 
@@ -149,14 +151,37 @@ def export_onnx(args):
             # rounded: a difference of exactly 0.5 point must not fail on a floating-point last digit
             if round(abs(int8_accuracy - fp32_accuracy), 9) <= INT8_TOLERANCE:
                 written.append(copy_into(int8, out))
+                record_int8_graph(args.ensemble, written[-1], {"val_accuracy": int8_accuracy,
+                                                               "fp32_val_accuracy": fp32_accuracy, "tta": tta})
             else:
                 print(f"int8 is not within {100 * INT8_TOLERANCE:.1f} point of fp32 on validation: "
                       f"{onnx_graph.INT8_NAME} not written")
     stale = out / onnx_graph.INT8_NAME
-    if stale not in written and stale.is_file():
-        stale.unlink()  # quantized from an earlier export: it would not match the new ensemble.onnx
-        print(f"removed {stale}, quantized from an earlier export")
+    if stale not in written:
+        remove_int8_graph(stale, args.ensemble)
     return written
+
+
+def record_int8_graph(ensemble_file, graph, scores):
+    """Name the int8 graph, with its SHA-256 and validation scores, in the ensemble file it was made from:
+    predict.py, app.py and Predictor.pretrained() then run it on a CPU (inference.Choice.graph)."""
+    record = ensemble.load_ensemble(ensemble_file)
+    record["int8_graph"] = {"path": ensemble.relative_path(graph, Path(ensemble_file).parent),
+                            "sha256": ensemble.file_hash(graph), **scores}
+    write_text_atomic(ensemble_file, json.dumps(record, indent=2))
+    print(f"recorded {graph} in {ensemble_file}")
+
+
+def remove_int8_graph(path, ensemble_file):
+    """An int8 graph quantized from an earlier export does not match this one: the file goes, and so does its
+    entry in the ensemble file."""
+    if path.is_file():
+        path.unlink()
+        print(f"removed {path}, quantized from an earlier export")
+    record = ensemble.load_ensemble(ensemble_file)
+    if record.pop("int8_graph", None) is not None:
+        write_text_atomic(ensemble_file, json.dumps(record, indent=2))
+        print(f"took the int8 graph out of {ensemble_file}")
 
 
 def training_checkpoints(members):
@@ -224,6 +249,9 @@ def export_safetensors(args):
     files = write_member_files(out, names, checkpoints, DTYPES[dtype])
     for stale in set(out.glob("*.safetensors")) - set(files):
         stale.unlink()  # members of an earlier export that this ensemble does not use
+    if (out / onnx_graph.INT8_NAME).is_file():
+        (out / onnx_graph.INT8_NAME).unlink()  # the earlier members' graph; export.py --format onnx-int8 makes a new one
+        print(f"removed {out / onnx_graph.INT8_NAME}, the graph of the members replaced")
     fit = {"method": source["method"], "weights": [round(float(w), 6) for w in weights],
            "val_accuracy": val_accuracy, "val_nll": val_nll, "candidates": source["candidates"]}
     extra = {"dtype": dtype, "data": str(data_source), "split": "val", "trained_with": training_record(checkpoints, args)}

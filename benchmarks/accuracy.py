@@ -25,8 +25,9 @@ from pathlib import Path
 from common import CPU_PRECISION, ROOT, machine, matmul_peak, peak_text
 
 sys.path.insert(0, str(ROOT))
-from ensemble import TTA_CHOICES  # noqa: E402  (after common puts the repository on the path)
 from train import BUDGETS, parse_args  # noqa: E402
+
+TABLE_TTAS = ["none", "flip", "tencrop", "tencrop-full"]  # the budget table's columns (evaluate.py --tta)
 
 # Training multiply-adds per image: the forward pass plus a backward pass that costs about two of it
 # (gradients for the activations and for the weights; Kaplan et al. 2020, "Scaling laws", section 2.1).
@@ -129,7 +130,7 @@ def evaluate_budget(out, members, data):
     """Validation accuracy of each member (finished ones only) and of their ensemble, for each TTA mode."""
     checkpoints = [out / name / "best.pt" for name in members]
     accuracy = {}
-    for tta in TTA_CHOICES:
+    for tta in TABLE_TTAS:
         folder = out / f"evaluation_{tta}"
         report = reusable_report(folder / "report.json", checkpoints)
         if report is None:
@@ -178,7 +179,7 @@ def markdown_table(results, data):
         peaks = peak_ranges(r["peaks"])
         ensemble = r["accuracy"]["ensemble" if "ensemble" in r["accuracy"] else next(iter(r["members"]))]
         lines.append(f"| {key} | {members} | {r['train_minutes']:.0f} | {peaks} | {r['training_macs'] / 1e15:.2f} P | "
-                     + " | ".join(f"{100 * ensemble[tta]:.2f}%" if tta in ensemble else "?" for tta in TTA_CHOICES)
+                     + " | ".join(f"{100 * ensemble[tta]:.2f}%" if tta in ensemble else "?" for tta in TABLE_TTAS)
                      + " |")
     lines += ["", "train min: each member's epochs times its median epoch's seconds (validation passes not "
               "included), added up; matmul peak: the machine's matmul multiply-adds per second in the precision "

@@ -9,7 +9,8 @@ degrees either way. For each detector, with its crops cut from the box and (wher
 landmarks) aligned, it prints the faces found (a box overlapping the true one by IoU >= 0.3), false boxes
 per 100 scenes, and the emotion right for all faces (a face not found counts as wrong) and for the faces
 found, per tilt; and, as the ceiling, the emotion right for the same faces cut out at their true boxes and
-turned upright, and for their original 48x48 crops. Scoring uses the shipped ensemble (Predictor.pretrained).
+turned upright, and for their original 48x48 crops. Scoring uses the shipped ensemble as predict.py runs it
+(Predictor.pretrained: on a CPU its int8 graph), and for the default detector's aligned crops torch too.
 Use validation faces only: the detector settings and the aligned framing are tuned on what this prints.
 """
 import argparse
@@ -23,14 +24,14 @@ from common import machine, peak_text, publish
 
 import data  # noqa: E402  (common: the path)
 from ferkit import cli, detect  # noqa: E402
-from ferkit.inference import TTA_CHOICES, Predictor  # noqa: E402
+from ferkit.inference import ONE_FACE_TTA, TTA_CHOICES, Predictor  # noqa: E402
 
 SCENE_SIZE = (640, 480)
 FACE_SIDES = (70, 220)
 TILTS = (0, 10, 20, 30)
 FACES_PER_SCENE = (1, 3)
 MATCH_IOU = 0.3
-DEFAULT_DATA = "/work/shared/data/fer2013"
+DEFAULT_DATA = "../shared/data/fer2013"
 
 
 class Placed(NamedTuple):
@@ -53,7 +54,7 @@ def build_parser():
     p.add_argument("--data", default=DEFAULT_DATA, help="FER-2013 folder whose val/ split gives the faces")
     p.add_argument("--scenes", type=cli.positive(int), default=300, help="scenes generated")
     p.add_argument("--seed", type=int, default=0, help="seeds the scenes and which faces go into them")
-    p.add_argument("--tta", default=None, choices=TTA_CHOICES, help="unset: the shipped ensemble's recorded one")
+    p.add_argument("--tta", default=ONE_FACE_TTA, choices=TTA_CHOICES, help="as in predict.py")
     p.add_argument("--detectors", nargs="+", default=list(detect.DETECTORS), choices=detect.DETECTORS)
     p.add_argument("--out", default="runs/benchmarks/scenes.json", help="JSON file for the figures")
     return p
@@ -186,9 +187,11 @@ def generate(faces, count, seed):
     return [make_scene(rng, faces) for _ in range(count)]
 
 
-def evaluate(scenes, faces, classes, predictor, detector_names):
-    """The table's rows: each detector (box crops, and aligned where it gives landmarks), the ceiling
-    and the faces' original crops."""
+def evaluate(scenes, faces, classes, predictors, detector_names):
+    """The table's rows: each detector (box crops, and aligned where it gives landmarks), the default
+    detector's crops through the second predictor too (the torch path), the ceiling and the faces' original
+    crops. `predictors`: (the default path's, the torch path's)."""
+    predictor, torch_predictor = predictors
     placed = [p for _, faces_in in scenes for p in faces_in]
     truth, tilts = [classes[p.index] for p in placed], [p.tilt for p in placed]
     rows = []
@@ -199,6 +202,9 @@ def evaluate(scenes, faces, classes, predictor, detector_names):
             crops, false_boxes = read_back(scenes, found, align)
             label = f"{name}, {'aligned' if align else 'box'} crops"
             rows.append(score_row(label, crops, truth, tilts, predictor, false_boxes, len(scenes), ms))
+            if name == detect.DEFAULT_DETECTOR and align:
+                rows.append(score_row(f"{label}, torch {torch_predictor.about.precision}", crops, truth, tilts,
+                                      torch_predictor, false_boxes, len(scenes), ms))
     ceiling = [ceiling_crop(scene, p) for scene, faces_in in scenes for p in faces_in]
     rows.append(score_row("ceiling: true boxes, upright", ceiling, truth, tilts, predictor, scenes=len(scenes)))
     rows.append(score_row("the faces' own 48x48 crops", [faces[p.index] for p in placed], truth, tilts, predictor,
@@ -214,7 +220,8 @@ def markdown(result):
     m = result["machine"]
     lines = [f"**Scene benchmark**: {result['scenes']} scenes of {SCENE_SIZE[0]}x{SCENE_SIZE[1]}, {result['faces']} "
              f"FER-2013 validation faces ({FACE_SIDES[0]}-{FACE_SIDES[1]} px, tilted 0-30 degrees), seed "
-             f"{result['seed']}, the shipped ensemble with TTA {result['tta']}; {m['processor']} ({peak_text(m)}), "
+             f"{result['seed']}, the shipped ensemble with TTA {result['tta']} on {result['backend']} (predict.py's "
+             f"defaults; one row on torch); {m['processor']} ({peak_text(m)}), "
              f"{m['usable_cpus']} usable CPU(s)", "",
              "| crops | found % | found % at 0/10/20/30 deg | false boxes /100 scenes | emotion right % of all "
              "| right % at 0/10/20/30 deg | right % of found | detection ms/scene |",
@@ -230,10 +237,11 @@ def markdown(result):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     faces, classes = val_faces(args.data)
-    predictor = Predictor.pretrained(tta=args.tta)
+    predictors = Predictor.pretrained(tta=args.tta), Predictor.pretrained(tta=args.tta, backend="torch")
     scenes = generate(faces, args.scenes, args.seed)
-    rows = evaluate(scenes, faces, classes, predictor, args.detectors)
-    result = {"machine": machine(), "scenes": args.scenes, "seed": args.seed, "tta": predictor.tta,
+    rows = evaluate(scenes, faces, classes, predictors, args.detectors)
+    result = {"machine": machine(), "scenes": args.scenes, "seed": args.seed, "tta": predictors[0].tta,
+              "backend": f"{predictors[0].backend} ({predictors[0].about.precision})",
               "faces": sum(len(p) for _, p in scenes), "rows": rows}
     return publish(result, markdown(result), args.out)
 

@@ -4,10 +4,10 @@ choosing which models to use, test-time-augmentation views, batched probabilitie
 cropping faces, and `Predictor`, the Python API:
 
     from ferkit.inference import Predictor
-    predictor = Predictor.pretrained()                  # the ensemble shipped in weights/
+    predictor = Predictor.pretrained()                  # the ensemble shipped in weights/ (on a CPU: its int8 graph)
     predictor.predict("photo.jpg")                      # [{"box": ..., "top": ..., "probabilities": ...}] per face
     predictor.predict_faces(face_48x48)                 # probabilities [N, classes], no detection
-    Predictor.pretrained(backend="onnx")                # the same ensemble as one ONNX graph (onnx_graph.py)
+    Predictor.pretrained(backend="torch")               # the same ensemble run by PyTorch (--device, --precision)
     Predictor.from_onnx("weights/ensemble.onnx")        # a graph written by export.py --format onnx
 
 A Predictor is one forward function (torch networks, or an ONNX Runtime session) with what every backend
@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-import cv2
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
@@ -32,7 +31,7 @@ import data
 import ensemble
 from data import IMAGE_SIZE, check_pixel_limit, to_grayscale
 from ensemble import Description, Member
-from ferkit import detect, onnx_graph
+from ferkit import onnx_graph
 from ferkit.checkpoint import load_checkpoint, model_from_checkpoint
 from ferkit.cli import UsageError
 # The detection names below stay importable from here, where their callers found them before detect.py.
@@ -43,7 +42,7 @@ from ferkit.device import autocast, pick_device, resolve_precision
 from ferkit.files import safe_filename
 from models import MODELS, build_model
 
-TTA_CHOICES = ensemble.TTA_CHOICES
+TTA_CHOICES, ONE_FACE_TTA = ensemble.TTA_CHOICES, ensemble.ONE_FACE_TTA
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 PRETRAINED = WEIGHTS_DIR / "ensemble.json"
 METADATA_KEY = "fer_member"  # safetensors metadata entry: JSON with the format, architecture and class list
@@ -56,12 +55,13 @@ MODEL_FLAGS_HINT = ("name your own models with --runs DIR (its evaluation/ensemb
 
 class Choice(NamedTuple):
     """The models chosen to answer: their Members, the TTA their weights were fitted with (None where no
-    ensemble file says), where they came from (for the first line a script prints), and how they were
-    weighted."""
+    ensemble file says), where they came from (for the first line a script prints), how they were
+    weighted, and (path, sha256) of their int8 ONNX graph where their ensemble file records one."""
     members: list
     tta: str
     source: str
     method: str
+    graph: tuple = None
 
 
 def log(message):
@@ -183,9 +183,35 @@ def weighted_members(record, ensemble_file):
     return members
 
 
+def recorded_graph(record, ensemble_file):
+    """(path, sha256) of the int8 ONNX graph that export.py --format onnx-int8 recorded in an ensemble file, or None."""
+    graph = record.get("int8_graph")
+    return (Path(os.path.normpath(Path(ensemble_file).parent / graph["path"])), graph["sha256"]) if graph else None
+
+
+def checked_graph(path, sha256):
+    """`path`, once it is the int8 graph its ensemble file recorded; UsageError naming it otherwise."""
+    if not path.is_file():
+        raise UsageError(f"{path}, the int8 ONNX graph its ensemble.json names, is missing. {RESTORE_HINT}, or pass "
+                         "--backend torch")
+    if ensemble.file_hash(path) != sha256:
+        raise UsageError(f"{path} is not the int8 ONNX graph its ensemble.json recorded (SHA-256 differs): changed, "
+                         f"truncated or replaced. {RESTORE_HINT}, or re-run export.py --format onnx-int8")
+    return path
+
+
 def ensemble_choice(ensemble_file, source):
     record = ensemble.load_ensemble(ensemble_file)
-    return Choice(weighted_members(record, ensemble_file), record["tta"], source, record.get("method", "unknown"))
+    return Choice(weighted_members(record, ensemble_file), record["tta"], source, record.get("method", "unknown"),
+                  recorded_graph(record, ensemble_file))
+
+
+def resolve_backend(backend, device="auto"):
+    """auto: ONNX Runtime where the models would run on the CPU (it takes one face at a time there faster than
+    PyTorch: docs/results.md), else torch on the GPU."""
+    if backend != "auto":
+        return backend
+    return "onnx" if pick_device(device).type == "cpu" else "torch"
 
 
 def equal_weights(paths, source):
@@ -235,14 +261,18 @@ def align_classes(split, model_classes):
 
 def tta_views(images, tta):
     """The views whose softmax outputs are averaged; images are float [B, 1, 48, 48]."""
+    if tta == "none":
+        return [images]
     if tta == "flip":
         return [images, images.flip(-1)]
-    if tta in ("tencrop", "tencrop-full"):  # Krizhevsky et al. 2012: corners and centre of a larger image, mirrored
-        larger = TF.resize(images, [54, 54], antialias=True)
-        crops = list(TF.ten_crop(larger, [48, 48]))
-        # The crops all lose the border; the whole image, mirrored too, keeps it (docs/results.md, ablations).
-        return crops + [images, images.flip(-1)] if tta == "tencrop-full" else crops
-    return [images]
+    larger = TF.resize(images, [54, 54], antialias=True)  # the crops zoom in by 54/48, as training's crops do
+    if tta == "centre-full":  # the centre crop and the whole image, mirrored: most of tencrop-full's gain
+        centre = TF.center_crop(larger, [48, 48])
+        return [centre, centre.flip(-1), images, images.flip(-1)]
+    # tencrop: Krizhevsky et al. 2012, the corners and centre of a larger image, mirrored. The crops all lose
+    # the border; tencrop-full adds the whole image, mirrored too, which keeps it (docs/results.md, ablations).
+    crops = list(TF.ten_crop(larger, [48, 48]))
+    return crops + [images, images.flip(-1)] if tta == "tencrop-full" else crops
 
 
 def torch_forward(models, weights, precision):
@@ -311,12 +341,6 @@ def cached_session(members, about, threads=None):
             log(f"warning: {error}; building it again")
     build_graph(members, about, path)
     return onnx_graph.open_session(path, threads)[0], path
-
-
-def face_crops(gray, boxes, detected=True, margin=MARGIN):
-    """uint8 [N, 48, 48]: each box's crop, with `margin` where the box came from detection."""
-    crops = [crop_face(gray, box, margin if detected else 0) for box in boxes]
-    return np.array(crops, dtype=np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
 
 
 def open_image(path):
@@ -404,11 +428,6 @@ class Predictor:
         self.detector, self.align = name, align
         return self
 
-    @property
-    def box_margin(self):
-        """The margin a crop of one of this detector's boxes needs to be framed like FER-2013's."""
-        return MARGIN if self.detector == "haar" else detect.CENTERFACE_MARGIN
-
     @classmethod
     def from_members(cls, members, tta="none", device="auto", precision="auto", batch_size=128, backend="torch",
                      threads=None, method="given"):
@@ -418,7 +437,7 @@ class Predictor:
         members = [m for m in members if m.weight > 0]
         if not members:
             raise UsageError("an ensemble needs at least one member with a weight above zero")
-        if backend == "onnx":
+        if resolve_backend(backend, device) == "onnx":
             return cls.as_onnx(load_members(members, "cpu"), tta, method, batch_size, threads)
         device = pick_device(device)
         precision = resolve_precision(precision, device)
@@ -436,18 +455,25 @@ class Predictor:
         return cls(onnx_graph.session_forward(session), about, [path], tta, batch_size, "cpu", "onnx")
 
     @classmethod
-    def from_choice(cls, choice, tta=None, **options):
-        """The models of a Choice (choose_models), with the TTA they were fitted with unless tta= is given."""
-        return cls.from_members(choice.members, tta or choice.tta or "none", method=choice.method, **options)
+    def from_choice(cls, choice, tta=None, backend="torch", device="auto", batch_size=128, threads=None, **options):
+        """The models of a Choice (choose_models), with the TTA they were fitted with unless tta= is given. On
+        ONNX Runtime (backend onnx, or auto on a CPU): their recorded int8 graph where there is one, checked
+        against its SHA-256, else their fp32 graph (as_onnx)."""
+        tta = tta or choice.tta or "none"
+        if resolve_backend(backend, device) == "onnx" and choice.graph:
+            return cls.from_onnx(checked_graph(*choice.graph), tta, batch_size, threads)
+        return cls.from_members(choice.members, tta, device, backend=backend, batch_size=batch_size, threads=threads,
+                                method=choice.method, **options)
 
     @classmethod
     def from_ensemble(cls, ensemble_file, tta=None, **options):
         return cls.from_choice(choose_models(ensemble_file=ensemble_file), tta, **options)
 
     @classmethod
-    def pretrained(cls, tta=None, **options):
-        """The ensemble shipped in weights/, with the TTA it was fitted with (unless tta= is given)."""
-        return cls.from_ensemble(PRETRAINED, tta, **options)
+    def pretrained(cls, tta=ONE_FACE_TTA, backend="auto", **options):
+        """The ensemble shipped in weights/, with the one-face TTA (tta=None: the one it was fitted with); on a CPU
+        (backend auto) as its int8 graph weights/ensemble-int8.onnx on ONNX Runtime, backend="torch" for PyTorch."""
+        return cls.from_ensemble(PRETRAINED, tta, backend=backend, **options)
 
     @classmethod
     def from_onnx(cls, path, tta=None, batch_size=128, threads=None):
@@ -473,19 +499,12 @@ class Predictor:
             self.use_detector(self.detector, self.align)
         return self.detect_function(gray, max_side)
 
-    def find_faces(self, gray, max_side=DETECT_MAX_SIDE):
-        return [face.box for face in self.detected(gray, max_side)]
-
-    def face_boxes(self, gray, detect=True, max_side=DETECT_MAX_SIDE):
-        """The faces' boxes in a grayscale image; detect=False: the whole image is one face."""
-        return self.find_faces(gray, max_side) if detect else [(0, 0, gray.shape[1], gray.shape[0])]
-
     def locate(self, gray, detect=True):
         """(boxes, their 48x48 crops) of the faces in a grayscale image: the first half of an answer.
         detect=False: the whole image is one face."""
         if not detect:
-            whole = [(0, 0, gray.shape[1], gray.shape[0])]
-            return whole, face_crops(gray, whole, detected=False)
+            whole = (0, 0, gray.shape[1], gray.shape[0])
+            return [whole], crop_face(gray, whole, 0)[None]
         faces = self.detected(gray)
         crops = np.array([face_crop(gray, face, self.align) for face in faces], dtype=np.uint8)
         return [face.box for face in faces], crops.reshape(-1, IMAGE_SIZE, IMAGE_SIZE)

@@ -6,11 +6,13 @@ The class list, the weights, the member names and the TTA the weights were fitte
 model's metadata_props. TTA stays outside the graph: a Predictor makes the views, as it does for torch,
 so a caller can choose none, flip or tencrop for the same file.
 
-`predict.py --backend onnx` builds the chosen ensemble's graph on first use (inference.onnx_predictor,
-cached under .cache/onnx/); export.py --format onnx writes a scored copy, and onnx-int8 a quantized one:
+On a CPU, predict.py, app.py and Predictor.pretrained() run the shipped ensemble as its int8 graph,
+weights/ensemble-int8.onnx (export.py --format onnx-int8 writes, scores and records it in ensemble.json),
+and other ensembles as their fp32 graph, built on first use and cached under .cache/onnx/
+(inference.cached_session); export.py --format onnx writes a scored fp32 copy:
 
     from ferkit.inference import Predictor
-    predictor = Predictor.pretrained(backend="onnx")           # the shipped ensemble, as a cached graph
+    predictor = Predictor.pretrained()                          # on a CPU: weights/ensemble-int8.onnx
     predictor = Predictor.from_onnx("weights/ensemble.onnx")   # a file, with its own TTA unless tta= is given
     predictor.predict("photo.jpg")
 
@@ -137,9 +139,12 @@ def quantize_int8(fp32_path, int8_path, images, scratch):
     from onnxruntime.quantization.shape_inference import quant_pre_process
     prepared = Path(scratch) / "prepared.onnx"
     quant_pre_process(str(fp32_path), str(prepared))  # shape inference and graph fusions, as quantize_static asks
+    # reduce_range (7-bit weights): on CPUs without VNNI, ONNX Runtime's u8 x s8 kernels add pairs of products
+    # in saturating 16-bit sums (VPMADDUBSW), which cost this ensemble points of accuracy on AVX2-only CPUs
+    # and none on VNNI ones (docs/log.md); 7-bit weights cannot saturate, so the file answers alike on both.
     quantize_static(str(prepared), str(int8_path), CalibrationImages(images), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    op_types_to_quantize=QUANTIZED_OPS)
+                    per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, op_types_to_quantize=QUANTIZED_OPS)
     model = onnx.load(str(int8_path))
     description = open_session(fp32_path)[1]._replace(precision="int8")
     save_model(set_metadata(model, description), int8_path)
@@ -189,22 +194,30 @@ def session_forward(session):
     return forward
 
 
-def add_backend_flags(parser):
-    """--backend and --onnx, for predict.py and evaluate.py."""
-    parser.add_argument("--backend", default="torch", choices=["torch", "onnx"],
-                        help="torch: the chosen models, run by PyTorch; onnx: the same ensemble as one ONNX graph, run "
-                             "by ONNX Runtime on CPU (built from the members on first use, in seconds, and kept in "
-                             ".cache/onnx/), or the file --onnx; --device and --precision apply to torch only")
+BACKENDS = ["auto", "onnx", "torch"]
+
+
+def add_backend_flags(parser, default="auto"):
+    """--backend and --onnx, for predict.py, app.py (default auto) and evaluate.py (default torch, since
+    PyTorch takes large batches faster: docs/results.md)."""
+    choices = BACKENDS if default == "auto" else ["onnx", "torch"]
+    parser.add_argument("--backend", default=default, choices=choices,
+                        help="onnx: the ensemble as one ONNX graph run by ONNX Runtime on CPU: the int8 graph its "
+                             "ensemble.json names (the shipped weights/ensemble-int8.onnx), else the members' fp32 "
+                             "graph, built on first use in seconds and kept in .cache/onnx/, or the file --onnx; "
+                             "torch: the models run by PyTorch (--device and --precision apply to torch only)"
+                             + ("; auto: onnx where --device resolves to the CPU, torch on a GPU" if "auto" in choices
+                                else ""))
     parser.add_argument("--onnx", default=None, metavar="PATH",
                         help="with --backend onnx: run this ONNX file (export.py --format onnx, or onnx-int8, writes a "
                              "scored one) instead of the chosen models' graph; unset: the chosen models' graph")
 
 
 def check_backend_flags(backend, onnx_file, named):
-    """UsageError for --onnx without --backend onnx, or beside `named`, the flags given that name models:
+    """UsageError for --onnx with --backend torch, or beside `named`, the flags given that name models:
     an ONNX file brings its own ensemble."""
-    if onnx_file and backend != "onnx":
-        raise UsageError(f"--onnx {onnx_file} is used by --backend onnx: add --backend onnx")
+    if onnx_file and backend == "torch":
+        raise UsageError(f"--onnx {onnx_file} is run by ONNX Runtime, not torch: add --backend onnx")
     if onnx_file and named:
         raise UsageError(f"--onnx {onnx_file} runs the ensemble in that file, and {' and '.join(named)} name other "
                          "models: leave them out, or leave out --onnx to build their graph")

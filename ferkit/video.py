@@ -2,9 +2,11 @@
 
 Each frame goes through the same steps as a photo (inference.Predictor finds faces, crops them to
 48x48 and classifies them), with three changes that make it steady and fast enough for a laptop CPU:
-faces are followed from frame to frame (boxes matched by overlap), each followed face's
-probabilities are smoothed over time so that its label does not flicker, and faces are looked for
-on a downscaled frame, only every few frames while nothing changes; in between, the boxes stay.
+faces are followed from frame to frame (boxes matched by overlap), each followed face's box and
+landmarks are steadied (blended with where it was) and its probabilities smoothed over time so that
+neither its crop nor its label flickers, and faces are looked for on a downscaled frame, only every
+few frames while nothing changes; in between, the faces stay where they were. Each face is cut out
+as in a photo (detect.face_crop): aligned from its landmarks where the detector gives them.
 
     python predict.py clip.mp4 --out annotated/ --json > frames.jsonl
     python predict.py --camera 0 --max-frames 300 --out annotated/
@@ -27,7 +29,8 @@ from scipy.optimize import linear_sum_assignment
 
 from ferkit import cli
 from ferkit.cli import UsageError
-from ferkit.inference import annotated_path, face_crops, face_record, log
+from ferkit.detect import Face, crop_face, face_crop
+from ferkit.inference import annotated_path, face_record, log
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv"}
 OUTPUT_FOURCC, OUTPUT_SUFFIX = "MJPG", ".avi"  # every OpenCV build writes it; each frame decodes on its own
@@ -37,6 +40,11 @@ MAX_MISSED_DETECTIONS = 3  # a detector misses a face now and then: its track ou
 MAX_FAILED_READS = 5  # consecutive failed reads that end a stream; fewer, followed by a frame, are skipped
 FRAME_COUNT_SLACK = 0.02  # containers such as mkv and webm estimate their frame count from the duration
 SMOOTHING, DETECT_EVERY, DETECT_SIDE = 0.6, 5, 320  # the flags' defaults, shared with the speed benchmark
+# Weight of the past when a detection moves a followed face's box and landmarks. Detectors jitter by a
+# few pixels from one detection to the next, even on a still face; the crop (so the label) and the drawn
+# box would shake with them. More weight steadies more but lags further behind a moving face (by
+# weight / (1 - weight) times its motion between two detections: at 0.5, one detection's motion).
+STEADYING = 0.5
 
 BOX_COLOR, TEXT_COLOR, BAR_COLOR = (40, 40, 255), (255, 255, 255), (40, 200, 255)  # BGR
 FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -44,11 +52,17 @@ FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 @dataclass
 class Track:
-    """One face followed across frames: its latest box and its smoothed probabilities."""
+    """One face followed across frames: its steadied box (whole pixels) and landmarks (float [5, 2], or
+    None where the detector gives none: Haar, --no-detect), and its smoothed probabilities."""
     id: int
     box: tuple
     probs: np.ndarray = None
     missed: int = 0  # detections in a row that did not find it
+    landmarks: np.ndarray = None
+
+    @property
+    def face(self):
+        return Face(self.box, self.landmarks)
 
 
 def smoothing_weight(text):
@@ -139,9 +153,12 @@ def stage_clock():
     return totals, lap
 
 
-def find_boxes(predictor, gray, args):
-    """Face boxes in full-frame pixels, looked for on a copy whose longest side is args.detect_side."""
-    return predictor.face_boxes(gray, not args.no_detect, args.detect_side)
+def frame_faces(predictor, gray, args):
+    """The faces (detect.Face) in full-frame pixels, looked for on a copy whose longest side is
+    args.detect_side; with --no-detect the whole frame is one face, without landmarks."""
+    if args.no_detect:
+        return [Face((0, 0, gray.shape[1], gray.shape[0]))]
+    return predictor.detected(gray, args.detect_side)
 
 
 def iou_matrix(boxes_a, boxes_b):
@@ -163,20 +180,21 @@ def match_boxes(old, new):
     return [(i, j) for i, j in zip(rows, columns) if overlap[i, j] >= MIN_IOU]
 
 
-def follow(tracks, boxes, next_id):
-    """The tracks after a detection found `boxes`: matched tracks move to their box, unmatched ones
-    keep theirs until MAX_MISSED_DETECTIONS misses, unmatched boxes start new tracks.
-    Returns (tracks, next free id, whether anything changed)."""
-    pairs = match_boxes([t.box for t in tracks], boxes)
-    matched_tracks, matched_boxes = {i for i, _ in pairs}, {j for _, j in pairs}
+def follow(tracks, faces, next_id):
+    """The tracks after a detection found `faces` (detect.Face): matched tracks move part of the way to
+    their face (steady), unmatched ones stay until MAX_MISSED_DETECTIONS misses, unmatched faces start
+    new tracks where they are. Returns (tracks, next free id, whether anything changed)."""
+    pairs = match_boxes([t.box for t in tracks], [face.box for face in faces])
+    matched_tracks, matched_faces = {i for i, _ in pairs}, {j for _, j in pairs}
     for i, j in pairs:
-        tracks[i].box, tracks[i].missed = boxes[j], 0
+        steady(tracks[i], faces[j], STEADYING)
+        tracks[i].missed = 0
     for i, track in enumerate(tracks):
         track.missed += i not in matched_tracks
-    new = [Track(next_id + n, box) for n, box in
-           enumerate(box for j, box in enumerate(boxes) if j not in matched_boxes)]
+    new = [Track(next_id + n, face.box, landmarks=face.landmarks) for n, face in
+           enumerate(face for j, face in enumerate(faces) if j not in matched_faces)]
     kept = [t for t in tracks if t.missed <= MAX_MISSED_DETECTIONS]
-    changed = len(pairs) < max(len(tracks), len(boxes))
+    changed = len(pairs) < max(len(tracks), len(faces))
     return kept + new, next_id + len(new), changed
 
 
@@ -185,12 +203,33 @@ def smooth(previous, current, weight):
     return current if previous is None else weight * previous + (1 - weight) * current
 
 
+def steady(track, face, weight):
+    """Move a track's box and landmarks to `weight` of theirs and the rest of its newly detected face's.
+    Where only one of them has landmarks (the app's webcam switched --no-detect since), there is nothing
+    alike to blend: the track starts again at the face."""
+    if (track.landmarks is None) != (face.landmarks is None):
+        track.box, track.landmarks = face.box, face.landmarks
+        return
+    box = smooth(np.asarray(track.box, dtype=float), np.asarray(face.box, dtype=float), weight)
+    track.box = tuple(int(round(v)) for v in box)  # whole pixels, for drawing and JSON
+    if face.landmarks is not None:
+        track.landmarks = smooth(track.landmarks, face.landmarks, weight)
+
+
+def track_crop(predictor, gray, track, args):
+    """The 48x48 crop of a track's face, the one a photo's face gets (Predictor.locate): aligned from its
+    steadied landmarks where it has them, else its box with the margin its detector's boxes need; with
+    --no-detect the box (the whole frame) as it is."""
+    if args.no_detect:
+        return crop_face(gray, track.box, 0)
+    return face_crop(gray, track.face, predictor.align)
+
+
 def classify(predictor, gray, tracks, args):
     """Update each track's smoothed probabilities with its face in this frame, all faces in one batch."""
     if not tracks:
         return
-    probs = predictor.predict_faces(face_crops(gray, [t.box for t in tracks], not args.no_detect,
-                                                predictor.box_margin))
+    probs = predictor.predict_faces(np.array([track_crop(predictor, gray, t, args) for t in tracks]))
     for track, p in zip(tracks, probs):
         track.probs = smooth(track.probs, p, args.smoothing)
 
@@ -205,8 +244,8 @@ def track_faces(predictor, gray, session, args, lap=lambda stage: None):
     args.detect_every frames), followed from the last frame, and classified with smoothing. Updates
     `session` (new_session) and returns its tracks; lap(stage) is called after detection and classification."""
     if session["frame"] >= session["next_detection"]:
-        boxes = find_boxes(predictor, gray, args)
-        session["tracks"], session["next_id"], changed = follow(session["tracks"], boxes, session["next_id"])
+        faces = frame_faces(predictor, gray, args)
+        session["tracks"], session["next_id"], changed = follow(session["tracks"], faces, session["next_id"])
         session["next_detection"] = session["frame"] + (1 if changed else args.detect_every)
     lap("detect")
     classify(predictor, gray, session["tracks"], args)

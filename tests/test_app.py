@@ -147,16 +147,17 @@ def test_the_demo_uses_the_shipped_ensemble_unless_told_otherwise(trained_runs, 
     monkeypatch.chdir(tmp_path)  # a runs/ here must not change the default
     (tmp_path / "runs" / "model_x").mkdir(parents=True)
     shutil.copy(trained_runs / "model_x" / "best.pt", tmp_path / "runs" / "model_x" / "best.pt")
-    args = app.build_parser().parse_args(["--device", "cpu"])
+    assert app.build_parser().parse_args([]).backend == "auto"  # ONNX Runtime on a CPU, as predict.py
+    args = app.build_parser().parse_args(["--device", "cpu", "--backend", "torch"])
     predictors, tta = app.load_predictors(args)
-    assert sorted(predictors) == sorted(inference.TTA_CHOICES) and tta == "none"
+    assert sorted(predictors) == sorted(inference.TTA_CHOICES) and tta == inference.ONE_FACE_TTA
     assert [p.tta for p in predictors.values()] == list(predictors)
     assert len({id(p.forward) for p in predictors.values()}) == 1  # one copy of the networks
     assert predictors["none"].files == [m.path for m in inference.choose_models(ensemble_file=ensemble_file).members]
-    args = app.build_parser().parse_args(["--checkpoints", "runs/model_x/best.pt", "--tta", "flip"])
+    args = app.build_parser().parse_args(["--checkpoints", "runs/model_x/best.pt", "--tta", "flip", "--backend", "torch"])
     predictors, tta = app.load_predictors(args)
     assert predictors["none"].files == [Path("runs/model_x/best.pt")] and tta == "flip"
-    predictors, _ = app.load_predictors(app.build_parser().parse_args(["--runs", "runs"]))
+    predictors, _ = app.load_predictors(app.build_parser().parse_args(["--runs", "runs", "--backend", "torch"]))
     assert predictors["none"].files == [Path("runs/model_x/best.pt")]
 
 

@@ -95,8 +95,9 @@ def test_pool_members_are_named_checkpoints():
 def test_each_benchmark_script_exposes_its_parser():
     import predict_speed  # noqa: E402  (imports torch and the models: only here)
     args = predict_speed.build_parser().parse_args(["--runs", "runs", "--video", "--video-frames", "10",
-                                                    "--detect-every", "2", "--onnx", "a.onnx"])
-    assert (args.runs, args.video, args.video_frames, args.detect_every, args.onnx) == ("runs", True, 10, 2, "a.onnx")
+                                                    "--detect-every", "2", "--onnx-int8", "a.onnx"])
+    assert (args.runs, args.video, args.video_frames, args.detect_every, args.onnx_int8) == \
+        ("runs", True, 10, 2, "a.onnx")
     assert predict_speed.build_parser().parse_args([]).checkpoints is None  # the shipped ensemble
     args = ensemble_pool.build_parser().parse_args(["--members", "x=a.pt", "y=b.pt", "--combos", "x+y"])
     assert args.members == [("x", "a.pt"), ("y", "b.pt")] and args.combos == ["x+y"]

@@ -136,10 +136,16 @@ def test_the_shipped_weights_load_and_classify():
     record = json.loads(inference.PRETRAINED.read_text())
     for member in record["members"]:
         assert ensemble.file_hash(inference.PRETRAINED.parent / member["path"]) == member["sha256"]
-    predictor = inference.Predictor.pretrained()
-    probs = predictor.predict_faces(synthetic.render_split("test", 1, seed=0)[0])
-    assert probs.shape == (len(record["classes"]), len(record["classes"]))
-    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-4)
+    graph = inference.PRETRAINED.parent / record["int8_graph"]["path"]
+    assert ensemble.file_hash(graph) == record["int8_graph"]["sha256"]
+    shipped = [inference.PRETRAINED, graph, *(inference.PRETRAINED.parent / m["path"] for m in record["members"])]
+    assert sum(path.stat().st_size for path in shipped) <= 24e6  # the brief's bound on weights/
+    for backend in ("auto", "torch"):  # on a CPU: the int8 graph, and the members in PyTorch
+        predictor = inference.Predictor.pretrained(backend=backend, device="cpu")
+        probs = predictor.predict_faces(synthetic.render_split("test", 1, seed=0)[0])
+        assert probs.shape == (len(record["classes"]), len(record["classes"]))
+        np.testing.assert_allclose(probs.sum(1), 1, atol=1e-3)
+    assert predictor.backend == "torch" and inference.Predictor.pretrained(device="cpu").files == [graph]
 
 
 def test_export_records_the_commands_that_trained_the_members(equal_weights, tmp_path):

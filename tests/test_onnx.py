@@ -3,6 +3,7 @@ fp32, the metadata and its checks, and predict.py / evaluate.py with --backend o
 small random-weight networks, so nothing is trained here."""
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -167,7 +168,7 @@ def test_predict_with_the_onnx_backend_answers_like_torch(random_ensemble, expor
                                   "--precision", "fp32", "--threads", "1"])
     (from_onnx,) = predict.main([str(image), "--no-detect", "--json", "--backend", "onnx", "--onnx", str(exported),
                                  "--threads", "1"])
-    assert f"ONNX ensemble {exported} (model_x, model_y; fp32, ONNX Runtime CPU); tta none" in capsys.readouterr().err
+    assert f"ONNX ensemble {exported} (model_x, model_y; fp32, ONNX Runtime CPU); tta {inference.ONE_FACE_TTA}" in capsys.readouterr().err
     assert from_onnx.keys() == from_torch.keys()
     (face_torch,), (face_onnx,) = from_torch["faces"], from_onnx["faces"]
     assert face_onnx["box"] == face_torch["box"] and face_onnx["top"][0]["emotion"] == face_torch["top"][0]["emotion"]
@@ -175,7 +176,7 @@ def test_predict_with_the_onnx_backend_answers_like_torch(random_ensemble, expor
         assert face_onnx["probabilities"][emotion] == pytest.approx(probability, abs=2e-4)  # rounded to 4 digits
 
 
-@pytest.mark.parametrize("flags, message", [(["--onnx", "x.onnx"], "add --backend onnx"),
+@pytest.mark.parametrize("flags, message", [(["--backend", "torch", "--onnx", "x.onnx"], "add --backend onnx"),
                                             (["--backend", "onnx", "--onnx", "x.onnx", "--checkpoints", "a.pt"],
                                              "--onnx x.onnx runs the ensemble in that file, and --checkpoints name "
                                              "other models: leave them out"),
@@ -220,22 +221,69 @@ def test_evaluate_builds_the_graph_of_the_runs_ensemble(random_ensemble, tmp_pat
     assert report["ensemble"]["weights"] == dict(zip(["model_x", "model_y"], WEIGHTS))
 
 
-def test_int8_is_written_only_within_tolerance(random_ensemble, tmp_path, monkeypatch, capsys):
+def test_int8_is_written_only_within_tolerance(tmp_path, monkeypatch, capsys):
+    source = save_random_ensemble(tmp_path / "runs", ["model_x", "model_y"], WEIGHTS)
+    out = tmp_path / "weights"
     monkeypatch.setattr(export, "INT8_TOLERANCE", 1.0)  # random weights: any accuracy change is let through
-    export_onnx(random_ensemble, tmp_path, "onnx-int8")
+    export_onnx(source, out, "onnx-int8")
     printed = capsys.readouterr().out
     assert "fp32: ensemble" in printed and "int8: ensemble" in printed
-    int8 = tmp_path / onnx_graph.INT8_NAME
+    int8 = out / onnx_graph.INT8_NAME
     predictor = inference.Predictor.from_onnx(int8)
     assert predictor.about.precision == "int8" and predictor.classes == synthetic.CLASSES
     assert any(node.op_type == "QuantizeLinear" for node in onnx.load(str(int8)).graph.node)
     probs = predictor.predict_faces(faces(7))
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-3)
+    recorded = ensemble.load_ensemble(source)["int8_graph"]
+    assert (source.parent / recorded["path"]).resolve() == int8.resolve()
+    assert recorded["sha256"] == ensemble.file_hash(int8) and set(recorded) >= {"val_accuracy", "fp32_val_accuracy"}
 
-    monkeypatch.setattr(export, "INT8_TOLERANCE", -1.0)  # never within: refused, and the earlier file removed
-    export_onnx(random_ensemble, tmp_path, "onnx-int8")
+    monkeypatch.setattr(export, "INT8_TOLERANCE", -1.0)  # never within: refused, the earlier file and entry removed
+    export_onnx(source, out, "onnx-int8")
     assert f"{onnx_graph.INT8_NAME} not written" in capsys.readouterr().out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ensemble.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["ensemble.onnx"]
+    assert "int8_graph" not in ensemble.load_ensemble(source)
+
+
+def recorded_int8(tmp_path, monkeypatch):
+    """A random ensemble whose ensemble.json records its int8 graph, as export.py --format onnx-int8 leaves it."""
+    source = save_random_ensemble(tmp_path / "runs", ["model_x", "model_y"], WEIGHTS)
+    monkeypatch.setattr(export, "INT8_TOLERANCE", 1.0)
+    export_onnx(source, tmp_path / "weights", "onnx-int8")
+    return source, tmp_path / "weights" / onnx_graph.INT8_NAME
+
+
+def test_predict_runs_the_recorded_int8_graph_on_a_cpu_and_refuses_a_changed_one(tmp_path, monkeypatch, capsys):
+    source, int8 = recorded_int8(tmp_path, monkeypatch)
+    image = str(face_image(tmp_path))
+    capsys.readouterr()
+    (record,) = predict.main([image, "--no-detect", "--json", "--ensemble", str(source)])
+    assert f"as the ONNX graph {int8} (int8), run by ONNX Runtime" in capsys.readouterr().err
+    (from_torch,) = predict.main([image, "--no-detect", "--json", "--ensemble", str(source), "--backend", "torch"])
+    assert "ONNX" not in capsys.readouterr().err
+    assert record["faces"][0]["probabilities"].keys() == from_torch["faces"][0]["probabilities"].keys()
+    int8.write_bytes(int8.read_bytes()[:-1] + b"\0")
+    with pytest.raises(cli.UsageError, match="is not the int8 ONNX graph its ensemble.json recorded"):
+        predict.main([image, "--no-detect", "--ensemble", str(source)])
+    int8.unlink()
+    with pytest.raises(cli.UsageError, match="the int8 ONNX graph its ensemble.json names, is missing"):
+        predict.main([image, "--no-detect", "--ensemble", str(source)])
+    predict.main([image, "--no-detect", "--ensemble", str(source), "--backend", "torch"])  # torch needs no graph
+
+
+def test_auto_is_onnx_runtime_on_a_cpu_and_torch_on_a_gpu(monkeypatch):
+    assert inference.resolve_backend("auto", "cpu") == "onnx"
+    assert inference.resolve_backend("torch", "cpu") == "torch" and inference.resolve_backend("onnx", "cpu") == "onnx"
+    monkeypatch.setattr(inference, "pick_device", lambda device: torch.device("cuda"))
+    assert inference.resolve_backend("auto", "cuda") == "torch"
+
+
+@pytest.mark.parametrize("entry", [{"path": 3, "sha256": "0" * 64}, {"path": "g.onnx", "sha256": "abc"}, "g.onnx"])
+def test_a_malformed_int8_entry_is_refused_naming_the_file(random_ensemble, tmp_path, entry):
+    broken = tmp_path / "ensemble.json"
+    broken.write_text(json.dumps({**json.loads(random_ensemble.read_text()), "int8_graph": entry}))
+    with pytest.raises(cli.UsageError, match=f"{broken} is not a valid ensemble file: \"int8_graph\" must be"):
+        ensemble.load_ensemble(broken)
 
 
 def test_calibration_images_are_a_seeded_choice_of_training_images():
@@ -270,19 +318,37 @@ def tops(records):
 
 
 @pytest.mark.skipif(not inference.PRETRAINED.is_file(), reason="the shipped weights are not in this checkout")
-def test_the_onnx_backend_works_with_no_export_and_agrees_with_torch(tmp_path, monkeypatch, capsys):
-    """The shipped ensemble on --backend onnx in a fresh clone: its graph is built on first use (no data, no
-    export.py) into FER_CACHE_DIR's onnx/ folder, `python predict.py` reuses it, and it answers as torch does."""
+def test_on_a_cpu_predict_runs_the_shipped_int8_graph_and_agrees_with_torch(tmp_path, capsys):
+    folder = write_faces(tmp_path / "faces", 25)
+    common = [str(folder), "--no-detect", "--json", "--threads", "2", "--tta", "none"]
+    from_int8 = predict.main(common)
+    first = capsys.readouterr().err
+    assert f"as the ONNX graph {inference.WEIGHTS_DIR / onnx_graph.INT8_NAME} (int8)" in first
+    from_torch = predict.main([*common, "--backend", "torch", "--precision", "fp32"])
+    assert len(from_int8) == 50
+    faces_agree = np.mean([tops(from_torch)[image] == top for image, top in tops(from_int8).items()
+                           if Path(image).name.startswith("face")])
+    distances = [0.5 * sum(abs(a["faces"][0]["probabilities"][c] - b["faces"][0]["probabilities"][c]) for c in
+                           a["faces"][0]["probabilities"]) for a, b in zip(from_int8, from_torch)]
+    assert faces_agree >= 0.96 and np.mean(distances) < 0.08, (faces_agree, np.mean(distances))
+
+
+@pytest.mark.skipif(not inference.PRETRAINED.is_file(), reason="the shipped weights are not in this checkout")
+def test_models_without_a_recorded_graph_get_theirs_built_on_first_use(tmp_path, monkeypatch, capsys):
+    """The shipped members named as --checkpoints (no ensemble file, so no int8 graph): --backend onnx builds
+    their fp32 graph on first use (no data, no export.py) into FER_CACHE_DIR's onnx/ folder, `python
+    predict.py` reuses it, and it answers as torch does."""
     monkeypatch.setattr(inference.data, "DEFAULT_CACHE_DIR", tmp_path / "cache")  # as FER_CACHE_DIR sets it
     folder = write_faces(tmp_path / "faces", 25)
-    common = [str(folder), "--no-detect", "--json", "--threads", "2"]
-    from_onnx = predict.main([*common, "--backend", "onnx"])
+    members = [str(m.path) for m in inference.choose_models().members]
+    common = [str(folder), "--no-detect", "--json", "--threads", "2", "--tta", "none", "--checkpoints", *members]
+    from_onnx = predict.main(common)
     first = capsys.readouterr().err
-    assert "weights/ensemble.json" in first.splitlines()[0] and "building the ONNX graph" in first
+    assert "--checkpoints" in first.splitlines()[0] and "building the ONNX graph" in first
     (graph,) = (tmp_path / "cache" / "onnx").iterdir()
-    assert graph.suffix == ".onnx" and f"as the ONNX graph {graph}" in first
+    assert graph.suffix == ".onnx" and f"as the ONNX graph {graph} (fp32)" in first
     built = graph.stat().st_mtime_ns
-    from_torch = predict.main([*common, "--precision", "fp32"])
+    from_torch = predict.main([*common, "--backend", "torch", "--precision", "fp32"])
     agree = np.mean([tops(from_torch)[image] == top for image, top in tops(from_onnx).items()])
     assert len(from_onnx) == 50 and agree >= 0.98, agree
     again = subprocess.run([sys.executable, "predict.py", *common, "--backend", "onnx", "--tta", "flip"], cwd=ROOT,

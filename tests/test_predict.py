@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ferkit import cli
+from ferkit import cli, detect
 from ferkit import inference
 import predict
 from ferkit import synthetic
@@ -153,7 +153,7 @@ def test_the_default_is_the_shipped_ensemble_even_beside_a_trained_run(tmp_path,
     assert first.startswith(f"models from the shipped ensemble {inference.PRETRAINED}: ") and "runs" not in first
     predict.main([str(image), "--no-detect", "--json", "--runs", "runs"])
     first = capsys.readouterr().err.splitlines()[0]
-    assert first == f"models from runs/**/best.pt: {Path('runs/model_x/best.pt')}; tta none"
+    assert first == f"models from runs/**/best.pt: {Path('runs/model_x/best.pt')}; tta {inference.ONE_FACE_TTA}"
     predict.main([str(image), "--no-detect", "--json", "--runs", str(trained_runs)])
     fitted = trained_runs / "evaluation" / "ensemble.json"
     assert capsys.readouterr().err.splitlines()[0].startswith(f"models from {fitted}: ")
@@ -207,7 +207,7 @@ def test_an_annotated_copy_never_takes_an_input_s_name(tmp_path):
 
 
 def test_an_opencv_without_haar_cascades_gets_a_usage_error_naming_the_fix(monkeypatch):
-    monkeypatch.delattr(inference.cv2, "CascadeClassifier")  # as in builds without object detection
+    monkeypatch.delattr(detect.cv2, "CascadeClassifier")  # as in builds without object detection
     with pytest.raises(cli.UsageError, match=r"opencv-python-headless>=4.8,<5.*--no-detect"):
         inference.load_cascade()
 

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import scenes  # noqa: E402  (benchmarks/ on the path)
@@ -43,3 +44,16 @@ def test_the_parser_takes_the_documented_flags():
     args = scenes.build_parser().parse_args(["--scenes", "20", "--tta", "flip", "--out", "x.json"])
     assert (args.scenes, args.tta, args.out) == (20, "flip", "x.json")
     assert args.detectors == list(detect.DETECTORS)
+
+
+def test_framing_takes_the_parts_it_is_told_from_the_truth():
+    import framing  # noqa: E402  (benchmarks/ on the path)
+    placed = scenes.Placed((200.0, 150.0), 120, 20, 0)
+    landmarks = np.array([[180, 140], [220, 140], [200, 155], [185, 175], [215, 175]], dtype=np.float32)
+    face = detect.Face((150, 100, 100, 100), landmarks)
+    aligned = detect.aligned_square(landmarks)
+    centre, angle, side = framing.framing(placed, face, ())
+    assert np.allclose(centre, aligned[0]) and angle == aligned[1] and side == aligned[2]
+    centre, angle, side = framing.framing(placed, face, ("centre", "angle", "side"), 1.1)
+    assert np.allclose(centre, (200, 150)) and angle == -20 and side == pytest.approx(132)
+    assert framing.framing(placed, face, ("side",))[2] == 120 and framing.build_parser().parse_args([]).seed == 1

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import sys
+import types
 
 import cv2
 import numpy as np
@@ -82,17 +83,83 @@ def test_json_lines_annotated_video_and_summary(tmp_path, clip, ensemble_file, m
     assert "track 1: 1.2 s on screen" in captured.err and "Traceback" not in captured.err
 
 
-def test_follow_keeps_ids_of_moving_faces():
-    tracks, next_id, changed = video.follow([], [(0, 0, 50, 50), (200, 0, 50, 50)], 1)
+def found(*boxes):
+    """Haar-like detections: boxes without landmarks."""
+    return [detect.Face(box) for box in boxes]
+
+
+def test_follow_keeps_ids_of_moving_faces(monkeypatch):
+    monkeypatch.setattr(video, "STEADYING", 0)  # tracks jump to each detection: only the ids matter here
+    tracks, next_id, changed = video.follow([], found((0, 0, 50, 50), (200, 0, 50, 50)), 1)
     assert [t.id for t in tracks] == [1, 2] and changed
-    tracks, next_id, changed = video.follow(tracks, [(190, 5, 50, 50), (10, 5, 50, 50)], next_id)
+    tracks, next_id, changed = video.follow(tracks, found((190, 5, 50, 50), (10, 5, 50, 50)), next_id)
     assert {t.id: t.box for t in tracks} == {1: (10, 5, 50, 50), 2: (190, 5, 50, 50)} and not changed
-    tracks, next_id, changed = video.follow(tracks, [(12, 5, 50, 50), (100, 150, 40, 40)], next_id)
+    tracks, next_id, changed = video.follow(tracks, found((12, 5, 50, 50), (100, 150, 40, 40)), next_id)
     assert {t.id: t.box for t in tracks} == {1: (12, 5, 50, 50), 2: (190, 5, 50, 50), 3: (100, 150, 40, 40)}
     assert changed  # face 2 was missed: it keeps its box for a while, and detection runs again soon
     for _ in range(video.MAX_MISSED_DETECTIONS):
-        tracks, next_id, _ = video.follow(tracks, [(12, 5, 50, 50), (100, 150, 40, 40)], next_id)
+        tracks, next_id, _ = video.follow(tracks, found((12, 5, 50, 50), (100, 150, 40, 40)), next_id)
     assert [t.id for t in tracks] == [1, 3]
+
+
+def blended(old, new):
+    """What steadying makes of a box: STEADYING of the old one, the rest of the new, in whole pixels."""
+    return tuple(int(round(video.STEADYING * a + (1 - video.STEADYING) * b)) for a, b in zip(old, new))
+
+
+# Five landmarks (eyes, nose, mouth corners) of a face tilted by about 18 degrees, inside FACE_BOX.
+FACE_BOX = (125, 85, 60, 70)
+LANDMARKS = np.array([[140, 100], [170, 110], [153, 122], [142, 136], [163, 143]], dtype=np.float32)
+
+
+def test_a_matched_face_moves_part_of_the_way_and_a_new_face_starts_where_found():
+    tracks, next_id, _ = video.follow([], [detect.Face(FACE_BOX, LANDMARKS)], 1)
+    moved = detect.Face((133, 81, 60, 70), LANDMARKS + (8, -4))
+    newcomer = detect.Face((10, 10, 40, 40), LANDMARKS - 120)
+    tracks, next_id, _ = video.follow(tracks, [newcomer, moved], next_id)
+    followed, new = sorted(tracks, key=lambda t: t.id)
+    weight = video.STEADYING
+    assert followed.id == 1 and followed.box == blended(FACE_BOX, moved.box) not in (FACE_BOX, moved.box)
+    assert all(isinstance(v, int) for v in followed.box)
+    np.testing.assert_allclose(followed.landmarks, weight * LANDMARKS + (1 - weight) * moved.landmarks)
+    assert new.id == 2 and new.box == newcomer.box
+    np.testing.assert_array_equal(new.landmarks, newcomer.landmarks)
+
+
+def test_haar_boxes_are_steadied_too_and_a_switch_of_detector_starts_afresh():
+    tracks, next_id, _ = video.follow([], found((100, 100, 40, 40)), 1)
+    tracks, next_id, _ = video.follow(tracks, found((104, 96, 44, 40)), next_id)
+    assert [(t.id, t.box, t.landmarks) for t in tracks] == [(1, blended((100, 100, 40, 40), (104, 96, 44, 40)), None)]
+    assert tracks[0].box != (104, 96, 44, 40)
+    tracks, next_id, _ = video.follow(tracks, [detect.Face((106, 98, 40, 40), LANDMARKS)], next_id)
+    assert [(t.id, t.box) for t in tracks] == [(1, (106, 98, 40, 40))]  # nothing alike to blend with
+    np.testing.assert_array_equal(tracks[0].landmarks, LANDMARKS)
+
+
+def test_tracks_are_classified_from_the_crops_a_photo_gets(monkeypatch):
+    """A track with landmarks: its aligned crop, from its steadied landmarks; one without: its box with the
+    Haar margin. All of a frame's crops in one batch."""
+    gray = np.random.default_rng(0).integers(0, 256, (240, 320), dtype=np.uint8)
+    detections = [[detect.Face(FACE_BOX, LANDMARKS), detect.Face((230, 60, 50, 50))],
+                  [detect.Face((128, 85, 60, 70), LANDMARKS + (6, 0)), detect.Face((230, 60, 50, 50))]]
+    batches = []
+
+    def predict_faces(faces):
+        batches.append(np.array(faces))
+        return np.full((len(faces), 7), 1 / 7)
+    predictor = types.SimpleNamespace(align=True, predict_faces=predict_faces,
+                                      detected=lambda gray, max_side: detections[len(batches)])
+    options = types.SimpleNamespace(no_detect=False, detect_side=320, detect_every=5, smoothing=0.6)
+    session = video.new_session()
+    for _ in detections:  # new faces: the next frame looks again
+        tracks = video.track_faces(predictor, gray, session, options)
+    steadied = video.STEADYING * LANDMARKS + (1 - video.STEADYING) * (LANDMARKS + (6, 0))
+    np.testing.assert_allclose(tracks[0].landmarks, steadied)
+    aligned, boxed = batches[-1]
+    np.testing.assert_array_equal(aligned, detect.face_crop(gray, detect.Face(tracks[0].box, steadied)))
+    assert np.abs(aligned.astype(int) - detect.aligned_crop(gray, LANDMARKS + (6, 0))).mean() > 10  # not the raw ones
+    assert np.abs(aligned.astype(int) - detect.crop_face(gray, tracks[0].box, 0)).mean() > 10  # not the box
+    np.testing.assert_array_equal(boxed, detect.crop_face(gray, (230, 60, 50, 50), detect.MARGIN))
 
 
 def noisy_predictions(classes):
