@@ -101,3 +101,16 @@ def test_each_benchmark_script_exposes_its_parser():
     assert predict_speed.build_parser().parse_args([]).checkpoints is None  # the shipped ensemble
     args = ensemble_pool.build_parser().parse_args(["--members", "x=a.pt", "y=b.pt", "--combos", "x+y"])
     assert args.members == [("x", "a.pt"), ("y", "b.pt")] and args.combos == ["x+y"]
+
+
+def test_widths_times_a_cell_and_tables_it_against_the_peak():
+    import widths  # noqa: E402  (imports torch: only here)
+    images_per_s, batch = widths.time_cell(8, 6, 1, steps=1)
+    assert images_per_s > 0 and widths.BATCH_RANGE[0] <= batch <= widths.BATCH_RANGE[1]
+    assert widths.cell_macs(8, 6, 2) == 2 * 6 * 6 * 8 * 8 * 9
+    result = {"machine": {"processor": "cpu", "matmul_precision": "fp32", "matmul_peak_gmacs": 100},
+              "precision": "fp32", "threads": 2, "depth": 2, "sizes": [12, 6], "widths": [32, 64],
+              "cells": {f"{s}x{w}": {"gmacs": float(s + w)} for s in (12, 6) for w in (32, 64)}}
+    table = widths.markdown(result)
+    assert "| 12 | 44 (0.44) | 76 (0.76) |" in table and "| 6 | 38 (0.38) | 70 (0.70) |" in table
+    assert widths.build_parser().parse_args(["--sizes", "6", "--depth", "3"]).depth == 3
