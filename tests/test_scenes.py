@@ -40,6 +40,15 @@ def test_matching_counts_found_faces_and_false_boxes():
     assert false_boxes == 1 and all(c.shape == (48, 48) for c in crops)
 
 
+def test_a_box_within_a_loosely_framed_square_is_on_its_face():
+    square = scenes.Placed((100, 100), 140, 0, 0)  # a FER-2013 crop whose face fills a quarter of it
+    on_the_face, a_sliver, across = detect.Face((70, 65, 60, 70)), detect.Face((60, 60, 20, 20)), \
+        detect.Face((150, 60, 120, 80))
+    assert scenes.iou(on_the_face.box, square.box()) < scenes.MATCH_IOU
+    assert scenes.match([on_the_face], [square]) == {0: 0}
+    assert scenes.match([a_sliver], [square]) == {} and scenes.match([across], [square]) == {}
+
+
 def test_the_parser_takes_the_documented_flags():
     args = scenes.build_parser().parse_args(["--scenes", "20", "--tta", "flip", "--out", "x.json"])
     assert (args.scenes, args.tta, args.out) == (20, "flip", "x.json")
