@@ -29,7 +29,8 @@ from PIL import Image, UnidentifiedImageError
 
 from ferkit import cli, onnx_graph, synthetic, video
 from ferkit.detect import DEFAULT_DETECTOR, DETECTORS
-from ferkit.inference import ONE_FACE_TTA, TTA_CHOICES, Predictor, annotate, choose_models, log, open_image
+from ferkit.inference import ONE_FACE_TTA, TTA_CHOICES, Predictor, annotate, choose_models, log, log_graph, \
+    open_image
 
 MAX_FILE_SIZE = "10mb"  # larger uploads are refused by Gradio before they reach the models
 EXAMPLES_DIR = Path("runs/app-examples")  # ignored by git: the examples are drawn at start-up, never committed
@@ -72,8 +73,7 @@ def load_predictors(args):
     log(f"models from {choice.source}: {', '.join(str(m.path) for m in choice.members)}")
     predictor = Predictor.from_choice(choice, "none", args.backend, args.device, args.batch_size, args.threads,
                                       precision=args.precision)
-    if predictor.backend == "onnx":
-        log(f"as the ONNX graph {predictor.files[0]} ({predictor.about.precision}), run by ONNX Runtime on CPU")
+    log_graph(predictor)
     return tta_variants(predictor.use_detector(args.detector)), args.tta
 
 

@@ -141,8 +141,12 @@ def save_ensemble(path, member_paths, classes, fit, tta, extra=None, member_extr
                           for p, w, more in zip(member_paths, fit["weights"], member_extras)],
               "method": fit["method"], "val_accuracy": fit["val_accuracy"], "val_nll": fit["val_nll"],
               "candidates": fit["candidates"], **(extra or {})}
-    write_text_atomic(path, json.dumps(record, indent=2))
+    write_record(path, record)
     return record
+
+
+def write_record(path, record):
+    write_text_atomic(path, json.dumps(record, indent=2))
 
 
 def record_problem(record):

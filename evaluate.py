@@ -21,8 +21,8 @@ from ensemble import Member
 from ferkit import cli, onnx_graph
 from ferkit.device import pick_device, resolve_precision
 from ferkit.files import write_atomic, write_text_atomic
-from ferkit.inference import PRETRAINED, TTA_CHOICES, Predictor, align_classes, checked_graph, choose_models, \
-    common_classes, load_members, log, predict_probs, unique_names, weighted_members
+from ferkit.inference import PRETRAINED, TTA_CHOICES, Predictor, align_classes, choose_models, common_classes, \
+    load_member, load_members, log, predict_probs, unique_names, weighted_members
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
@@ -161,13 +161,9 @@ def onnx_predictor(args):
         return Predictor.from_onnx(args.onnx, args.tta, args.batch_size, args.threads), args.data
     choice = onnx_choice(args)
     log(f"models from {choice.source}: {', '.join(str(m.path) for m in choice.members)}")
-    loaded = load_members(choice.members, "cpu")
     tta = args.tta or choice.tta or ensemble.DEFAULT_TTA
-    if choice.graph:  # the int8 graph predict.py runs on a CPU
-        return Predictor.from_onnx(checked_graph(*choice.graph), tta, args.batch_size, args.threads), \
-            args.data or loaded[0].data
-    predictor = Predictor.as_onnx(loaded, tta, choice.method, args.batch_size, args.threads)
-    return predictor, args.data or loaded[0].data
+    predictor = Predictor.from_choice(choice, tta, "onnx", "cpu", args.batch_size, args.threads)
+    return predictor, args.data or load_member(choice.members[0]).data
 
 
 def evaluate_onnx(args):

@@ -29,7 +29,7 @@ from ensemble import Member
 from ferkit import cli, onnx_graph
 from ferkit.checkpoint import load_checkpoint
 from ferkit.device import pick_device, resolve_precision
-from ferkit.files import write_atomic, write_text_atomic
+from ferkit.files import write_atomic
 from ferkit.inference import MEMBER_FORMAT, METADATA_KEY, PRETRAINED, Predictor, align_classes, describe, \
     load_members, predict_probs, unique_names, weighted_members
 
@@ -151,37 +151,32 @@ def export_onnx(args):
             # rounded: a difference of exactly 0.5 point must not fail on a floating-point last digit
             if round(abs(int8_accuracy - fp32_accuracy), 9) <= INT8_TOLERANCE:
                 written.append(copy_into(int8, out))
-                record_int8_graph(args.ensemble, written[-1], {"val_accuracy": int8_accuracy,
-                                                               "fp32_val_accuracy": fp32_accuracy, "tta": tta})
+                path = ensemble.relative_path(written[-1], Path(args.ensemble).parent)
+                record_int8_graph(args.ensemble, {"path": path, "sha256": ensemble.file_hash(written[-1]), "tta": tta,
+                                                  "val_accuracy": int8_accuracy, "fp32_val_accuracy": fp32_accuracy})
             else:
                 print(f"int8 is not within {100 * INT8_TOLERANCE:.1f} point of fp32 on validation: "
                       f"{onnx_graph.INT8_NAME} not written")
     stale = out / onnx_graph.INT8_NAME
     if stale not in written:
-        remove_int8_graph(stale, args.ensemble)
+        if stale.is_file():
+            stale.unlink()  # quantized from an earlier export: it would not match the new ensemble.onnx
+            print(f"removed {stale}, quantized from an earlier export")
+        record_int8_graph(args.ensemble, None)
     return written
 
 
-def record_int8_graph(ensemble_file, graph, scores):
-    """Name the int8 graph, with its SHA-256 and validation scores, in the ensemble file it was made from:
-    predict.py, app.py and Predictor.pretrained() then run it on a CPU (inference.Choice.graph)."""
+def record_int8_graph(ensemble_file, entry):
+    """Name the int8 graph (entry: its path, SHA-256 and validation scores) in the ensemble file it was made
+    from, so that predict.py, app.py and Predictor.pretrained() run it on a CPU (inference.Choice.graph);
+    entry None takes an earlier graph's entry out."""
     record = ensemble.load_ensemble(ensemble_file)
-    record["int8_graph"] = {"path": ensemble.relative_path(graph, Path(ensemble_file).parent),
-                            "sha256": ensemble.file_hash(graph), **scores}
-    write_text_atomic(ensemble_file, json.dumps(record, indent=2))
-    print(f"recorded {graph} in {ensemble_file}")
-
-
-def remove_int8_graph(path, ensemble_file):
-    """An int8 graph quantized from an earlier export does not match this one: the file goes, and so does its
-    entry in the ensemble file."""
-    if path.is_file():
-        path.unlink()
-        print(f"removed {path}, quantized from an earlier export")
-    record = ensemble.load_ensemble(ensemble_file)
-    if record.pop("int8_graph", None) is not None:
-        write_text_atomic(ensemble_file, json.dumps(record, indent=2))
-        print(f"took the int8 graph out of {ensemble_file}")
+    if record.get("int8_graph") == entry:
+        return
+    record.pop("int8_graph", None)
+    record.update({"int8_graph": entry} if entry else {})
+    ensemble.write_record(ensemble_file, record)
+    print(f"recorded {entry['path']} in {ensemble_file}" if entry else f"took the int8 graph out of {ensemble_file}")
 
 
 def training_checkpoints(members):

@@ -21,8 +21,8 @@ import torch
 from ferkit import cli, onnx_graph, video
 from ferkit.detect import DEFAULT_DETECTOR, DETECTORS
 from ferkit.files import write_atomic
-from ferkit.inference import MIN_FACE_PIXELS, ONE_FACE_TTA, TTA_CHOICES, Predictor, annotated_path, choose_models, draw_faces, log, \
-    open_image
+from ferkit.inference import MIN_FACE_PIXELS, ONE_FACE_TTA, TTA_CHOICES, Predictor, annotated_path, choose_models, \
+    draw_faces, log, log_graph, open_image
 
 CHUNK_IMAGES = 64  # images decoded and held at once; their faces go through the models together
 SMALL_IMAGE_HINT = "; if this small image is an already-cropped face, pass --no-detect"
@@ -134,8 +134,7 @@ def make_predictor(args):
     log(f"models from {choice.source}: {', '.join(str(m.path) for m in choice.members)}; tta {args.tta}")
     predictor = Predictor.from_choice(choice, args.tta, args.backend, args.device, args.batch_size, args.threads,
                                       precision=args.precision)
-    if predictor.backend == "onnx":
-        log(f"as the ONNX graph {predictor.files[0]} ({predictor.about.precision}), run by ONNX Runtime on CPU")
+    log_graph(predictor)
     return predictor
 
 

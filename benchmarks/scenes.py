@@ -118,20 +118,23 @@ def make_scene(rng, faces):
     return scene, placed
 
 
-def iou(a, b):
+def intersection(a, b):
+    """The area two (x, y, w, h) boxes share."""
     ax, ay, aw, ah = a
     bx, by, bw, bh = b
-    w = max(0.0, min(ax + aw, bx + bw) - max(ax, bx))
-    h = max(0.0, min(ay + ah, by + bh) - max(ay, by))
-    return w * h / (aw * ah + bw * bh - w * h)
+    return max(0.0, min(ax + aw, bx + bw) - max(ax, bx)) * max(0.0, min(ay + ah, by + bh) - max(ay, by))
+
+
+def iou(a, b):
+    shared = intersection(a, b)
+    return shared / (a[2] * a[3] + b[2] * b[3] - shared)
 
 
 def on_face(box, square):
     """Whether `box` overlaps the true square by MATCH_IOU, or lies within it (INSIDE, MIN_COVER)."""
-    x, y, w, h = box
-    sx, sy, side, _ = square
-    inside = max(0.0, min(x + w, sx + side) - max(x, sx)) * max(0.0, min(y + h, sy + side) - max(y, sy)) / (w * h)
-    return iou(box, square) >= MATCH_IOU or (inside >= INSIDE and w * h >= MIN_COVER * side * side)
+    area, side = box[2] * box[3], square[2]
+    inside = intersection(box, square) / area
+    return iou(box, square) >= MATCH_IOU or (inside >= INSIDE and area >= MIN_COVER * side * side)
 
 
 def match(found, placed):

@@ -36,8 +36,8 @@ from ferkit.checkpoint import load_checkpoint, model_from_checkpoint
 from ferkit.cli import UsageError
 # The detection names below stay importable from here, where their callers found them before detect.py.
 from ferkit.detect import (CASCADE, DEFAULT_DETECTOR, DETECT_MAX_SIDE, DETECTORS, MARGIN,  # noqa: F401
-                           MIN_FACE_FRACTION, MIN_FACE_PIXELS, cascade_faces, crop_face, detect_faces, face_crop,
-                           load_cascade, load_detector)
+                           MIN_FACE_FRACTION, MIN_FACE_PIXELS, Face, cascade_faces, crop_face, detect_faces,
+                           face_crop, load_cascade, load_detector)
 from ferkit.device import autocast, pick_device, resolve_precision
 from ferkit.files import safe_filename
 from models import MODELS, build_model
@@ -343,6 +343,23 @@ def cached_session(members, about, threads=None):
     return onnx_graph.open_session(path, threads)[0], path
 
 
+def whole_image_face(gray):
+    """The whole grayscale image as one face, without landmarks: what detect=False (--no-detect) reads."""
+    return Face((0, 0, gray.shape[1], gray.shape[0]))
+
+
+def cut_face(gray, face, align=True, detect=True):
+    """A face's 48x48 crop: as detect.face_crop cuts a found face; detect=False: its box (the whole image) as
+    it is, with no margin."""
+    return face_crop(gray, face, align) if detect else crop_face(gray, face.box, 0)
+
+
+def log_graph(predictor):
+    """The second line predict.py and app.py print, where the answers come from an ONNX graph."""
+    if predictor.backend == "onnx":
+        log(f"as the ONNX graph {predictor.files[0]} ({predictor.about.precision}), run by ONNX Runtime on CPU")
+
+
 def open_image(path):
     """(the image upright, its grayscale pixels as uint8 [H, W]); any decoding error propagates."""
     with Image.open(path) as image:
@@ -459,8 +476,8 @@ class Predictor:
         """The models of a Choice (choose_models), with the TTA they were fitted with unless tta= is given. On
         ONNX Runtime (backend onnx, or auto on a CPU): their recorded int8 graph where there is one, checked
         against its SHA-256, else their fp32 graph (as_onnx)."""
-        tta = tta or choice.tta or "none"
-        if resolve_backend(backend, device) == "onnx" and choice.graph:
+        tta, backend = tta or choice.tta or "none", resolve_backend(backend, device)
+        if backend == "onnx" and choice.graph:
             return cls.from_onnx(checked_graph(*choice.graph), tta, batch_size, threads)
         return cls.from_members(choice.members, tta, device, backend=backend, batch_size=batch_size, threads=threads,
                                 method=choice.method, **options)
@@ -502,11 +519,8 @@ class Predictor:
     def locate(self, gray, detect=True):
         """(boxes, their 48x48 crops) of the faces in a grayscale image: the first half of an answer.
         detect=False: the whole image is one face."""
-        if not detect:
-            whole = (0, 0, gray.shape[1], gray.shape[0])
-            return [whole], crop_face(gray, whole, 0)[None]
-        faces = self.detected(gray)
-        crops = np.array([face_crop(gray, face, self.align) for face in faces], dtype=np.uint8)
+        faces = self.detected(gray) if detect else [whole_image_face(gray)]
+        crops = np.array([cut_face(gray, face, self.align, detect) for face in faces], dtype=np.uint8)
         return [face.box for face in faces], crops.reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
 
     def answer(self, located, top_k=3):

@@ -198,8 +198,8 @@ BACKENDS = ["auto", "onnx", "torch"]
 
 
 def add_backend_flags(parser, default="auto"):
-    """--backend and --onnx, for predict.py, app.py (default auto) and evaluate.py (default torch, since
-    PyTorch takes large batches faster: docs/results.md)."""
+    """--backend and --onnx, for predict.py (default auto) and evaluate.py (default torch: its report scores
+    each member, which one graph of the ensemble does not give)."""
     choices = BACKENDS if default == "auto" else ["onnx", "torch"]
     parser.add_argument("--backend", default=default, choices=choices,
                         help="onnx: the ensemble as one ONNX graph run by ONNX Runtime on CPU: the int8 graph its "

@@ -29,8 +29,8 @@ from scipy.optimize import linear_sum_assignment
 
 from ferkit import cli
 from ferkit.cli import UsageError
-from ferkit.detect import Face, crop_face, face_crop
-from ferkit.inference import annotated_path, face_record, log
+from ferkit.detect import Face
+from ferkit.inference import annotated_path, cut_face, face_record, log, whole_image_face
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv"}
 OUTPUT_FOURCC, OUTPUT_SUFFIX = "MJPG", ".avi"  # every OpenCV build writes it; each frame decodes on its own
@@ -156,9 +156,7 @@ def stage_clock():
 def frame_faces(predictor, gray, args):
     """The faces (detect.Face) in full-frame pixels, looked for on a copy whose longest side is
     args.detect_side; with --no-detect the whole frame is one face, without landmarks."""
-    if args.no_detect:
-        return [Face((0, 0, gray.shape[1], gray.shape[0]))]
-    return predictor.detected(gray, args.detect_side)
+    return [whole_image_face(gray)] if args.no_detect else predictor.detected(gray, args.detect_side)
 
 
 def iou_matrix(boxes_a, boxes_b):
@@ -220,9 +218,7 @@ def track_crop(predictor, gray, track, args):
     """The 48x48 crop of a track's face, the one a photo's face gets (Predictor.locate): aligned from its
     steadied landmarks where it has them, else its box with the margin its detector's boxes need; with
     --no-detect the box (the whole frame) as it is."""
-    if args.no_detect:
-        return crop_face(gray, track.box, 0)
-    return face_crop(gray, track.face, predictor.align)
+    return cut_face(gray, track.face, predictor.align, not args.no_detect)
 
 
 def classify(predictor, gray, tracks, args):
