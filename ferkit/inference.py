@@ -266,6 +266,8 @@ def tta_views(images, tta):
     if tta == "flip":
         return [images, images.flip(-1)]
     larger = TF.resize(images, [54, 54], antialias=True)  # the crops zoom in by 54/48, as training's crops do
+    if tta == "zoom":  # the whole image and its centre zoomed in: beside flip's mirror, the view that adds most
+        return [images, TF.center_crop(larger, [48, 48])]
     if tta == "centre-full":  # the centre crop and the whole image, mirrored: most of tencrop-full's gain
         centre = TF.center_crop(larger, [48, 48])
         return [centre, centre.flip(-1), images, images.flip(-1)]

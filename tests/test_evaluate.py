@@ -95,6 +95,14 @@ def test_tencrop_full_views_are_the_ten_crops_then_the_whole_image_and_its_mirro
     torch.testing.assert_close(views[11], images.flip(-1))
 
 
+def test_zoom_views_are_centre_fulls_unmirrored_ones():
+    images = torch.rand(2, 1, 48, 48)
+    zoom, centre_full = inference.tta_views(images, "zoom"), inference.tta_views(images, "centre-full")
+    assert len(zoom) == 2 and len(centre_full) == 4
+    torch.testing.assert_close(zoom[0], images)
+    torch.testing.assert_close(zoom[1], centre_full[0])
+    assert not torch.equal(zoom[1], images)
+
 def write_apollo_folder(root, per_class=4):
     """A 6-class apollo2506-style tree (no disgust, 'Suprise') of synthetic faces."""
     images, labels, classes = synthetic.render_split("test", per_class=per_class)
