@@ -203,8 +203,8 @@ def build_app(predictors, tta="none", examples=()):
                     "with the probability of each of the seven emotions. Images stay on this machine.")
         with gr.Row():
             tta_choice = gr.Radio(TTA_CHOICES, value=tta, label="Test-time augmentation",
-                                  info="flip, zoom, centre-full, tencrop and tencrop-full average the views: "
-                                       "steadier, 2x, 2x, 4x, 10x and 12x slower")
+                                  info="flip, centre-3, centre-full, tencrop and tencrop-full average the views: "
+                                       "steadier, 2x, 3x, 4x, 10x and 12x slower")
             no_detect = gr.Checkbox(label="No detection (already a face crop)",
                                     info="treat the whole image as one face")
         with gr.Tab("Photo"):

@@ -24,12 +24,12 @@ from ferkit.cli import UsageError
 from ferkit.files import write_text_atomic
 
 # The test-time augmentations inference.tta_views knows; an ensemble.json records the one it was fitted with.
-TTA_CHOICES = ["none", "flip", "zoom", "centre-full", "tencrop", "tencrop-full"]
+TTA_CHOICES = ["none", "flip", "centre-3", "centre-full", "tencrop", "tencrop-full"]
 # evaluate.py's when --tta is unset: the best on validation for every budget's ensemble (docs/results.md).
 DEFAULT_TTA = "tencrop-full"
-# predict.py's, app.py's and Predictor.pretrained()'s, where faces come one at a time: two views, flip's
-# cost, within noise of centre-full's four on validation (docs/results.md, "One face at a time").
-ONE_FACE_TTA = "zoom"
+# predict.py's, app.py's and Predictor.pretrained()'s, where faces come one at a time: three views, within
+# noise of centre-full's four on validation and on photos (docs/results.md, "One face at a time").
+ONE_FACE_TTA = "centre-3"
 
 VERSION = 2  # 2: member paths relative to the ensemble file's folder
 

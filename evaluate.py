@@ -40,8 +40,9 @@ def build_parser():
     p.add_argument("--data", default=None, help="data to evaluate on; unset: the data the first checkpoint was trained on")
     p.add_argument("--split", default="test", choices=list(data.SPLIT_ALIASES), help="split to report on")
     p.add_argument("--tta", default=None, choices=TTA_CHOICES,
-                   help="test-time augmentation: none, flip (mirror average), zoom (the whole image and its centre "
-                        "crop: predict.py's), centre-full (those two, mirrored), tencrop (corners+centre, mirrored; "
+                   help="test-time augmentation: none, flip (mirror average), centre-full (the centre crop of a "
+                        "54x54 resize and the whole image, mirrored), centre-3 (those less the unmirrored whole "
+                        "image: predict.py's), tencrop (corners+centre, mirrored; "
                         "ten forward passes per image), tencrop-full (those ten and the whole image, mirrored; "
                         f"twelve); unset: {ensemble.DEFAULT_TTA}, or the shipped ensemble's own with --pretrained")
     p.add_argument("--out", default="runs/evaluation", help="folder for report.json, report.md and the PNGs")

@@ -42,9 +42,9 @@ def build_parser():
     p.add_argument("--top-k", type=cli.positive(int), default=3, help="emotions listed per face")
     p.add_argument("--json", action="store_true", help="print one JSON object per image instead of a table")
     p.add_argument("--tta", default=ONE_FACE_TTA, choices=TTA_CHOICES,
-                   help="test-time augmentation: the views of each face whose answers are averaged; zoom: the whole "
-                        "face and its centre, zoomed in by 54/48 (2 views); centre-full: those two mirrored (4); "
-                        "tencrop-full, evaluate.py's, takes 12")
+                   help="test-time augmentation: the views of each face whose answers are averaged; centre-full: the "
+                        "centre crop of a 54x54 resize and the whole face, mirrored (4 views); centre-3: those less "
+                        "the unmirrored whole face (3); tencrop-full, evaluate.py's, takes 12")
     onnx_graph.add_backend_flags(p)
     cli.add_device_flags(p, batch_size=256, batch_help="images per forward pass, each TTA view counted")
     video.add_video_flags(p)

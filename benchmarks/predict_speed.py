@@ -11,7 +11,7 @@ prints markdown tables, and writes the figures to --out as JSON. The first table
 with its defaults (--backend auto: ONNX Runtime on a CPU, the shipped ensemble as its int8 graph); the
 second compares backends: torch in the precision --precision auto takes on this machine (and bf16 where
 the CPU runs it natively), ONNX Runtime fp32 (the models' graph as predict.py builds it) and int8 (the
-graph the ensemble file records, or --onnx-int8), each with TTA none, flip, zoom, centre-full and tencrop-full.
+graph the ensemble file records, or --onnx-int8), each with TTA none, flip, centre-3, centre-full and tencrop-full.
 With --video, it times predict.py's video path instead (the flags of "the --video part").
 """
 import argparse
@@ -98,7 +98,7 @@ def measure(predictor, images, boxes, repeats):
     return {**figures, "synthetic_faces_found": sum(found[-len(images):])}
 
 
-BACKEND_TTAS = ["none", "flip", "zoom", "centre-full", "tencrop-full"]
+BACKEND_TTAS = ["none", "flip", "centre-3", "centre-full", "tencrop-full"]
 
 
 def backend_predictors(args, choice):

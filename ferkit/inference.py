@@ -266,11 +266,9 @@ def tta_views(images, tta):
     if tta == "flip":
         return [images, images.flip(-1)]
     larger = TF.resize(images, [54, 54], antialias=True)  # the crops zoom in by 54/48, as training's crops do
-    if tta == "zoom":  # the whole image and its centre zoomed in: beside flip's mirror, the view that adds most
-        return [images, TF.center_crop(larger, [48, 48])]
-    if tta == "centre-full":  # the centre crop and the whole image, mirrored: most of tencrop-full's gain
-        centre = TF.center_crop(larger, [48, 48])
-        return [centre, centre.flip(-1), images, images.flip(-1)]
+    if tta in ("centre-3", "centre-full"):  # the centre crop and the whole image, mirrored: most of tencrop-full's
+        centre = TF.center_crop(larger, [48, 48])  # gain; centre-3 leaves out the whole image unmirrored
+        return [centre, centre.flip(-1), images.flip(-1)] + ([images] if tta == "centre-full" else [])
     # tencrop: Krizhevsky et al. 2012, the corners and centre of a larger image, mirrored. The crops all lose
     # the border; tencrop-full adds the whole image, mirrored too, which keeps it (docs/results.md, ablations).
     crops = list(TF.ten_crop(larger, [48, 48]))

@@ -95,13 +95,15 @@ def test_tencrop_full_views_are_the_ten_crops_then_the_whole_image_and_its_mirro
     torch.testing.assert_close(views[11], images.flip(-1))
 
 
-def test_zoom_views_are_centre_fulls_unmirrored_ones():
+def test_centre_3_views_are_centre_fulls_less_the_unmirrored_whole_image():
     images = torch.rand(2, 1, 48, 48)
-    zoom, centre_full = inference.tta_views(images, "zoom"), inference.tta_views(images, "centre-full")
-    assert len(zoom) == 2 and len(centre_full) == 4
-    torch.testing.assert_close(zoom[0], images)
-    torch.testing.assert_close(zoom[1], centre_full[0])
-    assert not torch.equal(zoom[1], images)
+    three, four = inference.tta_views(images, "centre-3"), inference.tta_views(images, "centre-full")
+    assert len(three) == 3 and len(four) == 4
+    for kept, view in zip(three, four):
+        torch.testing.assert_close(kept, view)
+    torch.testing.assert_close(three[2], images.flip(-1))
+    torch.testing.assert_close(four[3], images)
+    assert not torch.equal(three[0], images)
 
 def write_apollo_folder(root, per_class=4):
     """A 6-class apollo2506-style tree (no disgust, 'Suprise') of synthetic faces."""

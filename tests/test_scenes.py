@@ -66,3 +66,14 @@ def test_framing_takes_the_parts_it_is_told_from_the_truth():
     centre, angle, side = framing.framing(placed, face, ("centre", "angle", "side"), 1.1)
     assert np.allclose(centre, (200, 150)) and angle == -20 and side == pytest.approx(132)
     assert framing.framing(placed, face, ("side",))[2] == 120 and framing.build_parser().parse_args([]).seed == 1
+
+
+def test_views_difference_is_the_mean_gain_inside_its_bootstrap_interval():
+    import views  # noqa: E402  (benchmarks/ on the path)
+    reference = np.array([True] * 50 + [False] * 50)
+    better = reference.copy()
+    better[50:70] = True  # right on 20 more faces of 100
+    gain, low, high = views.difference(better, reference)
+    assert gain == 20.0 and 0 < low < gain < high
+    assert views.difference(reference, reference) == [0.0, 0.0, 0.0]
+    assert views.build_parser().parse_args([]).reference == "centre-full"
