@@ -23,8 +23,10 @@ from scipy.optimize import minimize
 from ferkit.cli import UsageError
 from ferkit.files import write_text_atomic
 
-# The test-time augmentations inference.tta_views knows; an ensemble.json records the one it was fitted with.
-TTA_CHOICES = ["none", "flip", "centre-3", "centre-full", "tencrop", "tencrop-full"]
+# The test-time augmentations inference.tta_views knows, with how many views each averages; an ensemble.json
+# records the one it was fitted with.
+TTA_VIEWS = {"none": 1, "flip": 2, "centre-3": 3, "centre-full": 4, "tencrop": 10, "tencrop-full": 12}
+TTA_CHOICES = list(TTA_VIEWS)
 # evaluate.py's when --tta is unset: the best on validation for every budget's ensemble (docs/results.md).
 DEFAULT_TTA = "tencrop-full"
 # predict.py's, app.py's and Predictor.pretrained()'s, where faces come one at a time: three views, within

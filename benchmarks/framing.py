@@ -36,16 +36,6 @@ def build_parser():
     return p
 
 
-def found_faces(generated):
-    """(scene, its true Placed face, the CenterFace Face matched to it) for every face found."""
-    detector = detect.load_detector("centerface")
-    pairs = []
-    for scene, placed in generated:
-        found = detector(scene)
-        pairs += [(scene, placed[i], found[j]) for i, j in scenes.match(found, placed).items()]
-    return pairs
-
-
 def framing(placed, face, true_parts, side_scale=1.0):
     """(centre, angle, side) of the aligned crop, the parts named in true_parts taken from the truth."""
     centre, angle, side = detect.aligned_square(face.landmarks)
@@ -71,7 +61,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     faces, classes = scenes.val_faces(args.data)
     predictor = Predictor.pretrained(tta=args.tta)
-    pairs = found_faces(scenes.generate(faces, args.scenes, args.seed))
+    pairs = scenes.found_faces(scenes.generate(faces, args.scenes, args.seed))
     result = {"machine": machine(), "scenes": args.scenes, "seed": args.seed, "tta": predictor.tta,
               "faces_found": len(pairs), "rows": dict(rows(predictor, pairs, classes))}
     m = result["machine"]

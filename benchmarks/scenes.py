@@ -161,6 +161,15 @@ def val_faces(folder):
     return split.images[:, 0].numpy(), [split.classes[int(label)] for label in split.labels]
 
 
+def found_faces(generated, detector_name=detect.DEFAULT_DETECTOR):
+    """(scene, its true Placed face, the detector's Face matched to it) for every face found."""
+    detector, pairs = detect.load_detector(detector_name), []
+    for scene, placed in generated:
+        found = detector(scene)
+        pairs += [(scene, placed[i], found[j]) for i, j in match(found, placed).items()]
+    return pairs
+
+
 def detections(detector, scenes):
     """(per scene: its found faces, mean milliseconds per scene) of one detector."""
     started = time.perf_counter()

@@ -11,12 +11,11 @@ resampled for both), so that a difference smaller than the noise reads as such.
 import argparse
 
 import numpy as np
-import torch
 
 from common import machine, peak_text, publish
 
 from ferkit import cli, detect  # noqa: E402  (common: the path)
-from ferkit.inference import TTA_CHOICES, Predictor, tta_views  # noqa: E402
+from ferkit.inference import TTA_CHOICES, TTA_VIEWS, Predictor  # noqa: E402
 import scenes  # noqa: E402
 
 BOOTSTRAP_DRAWS, BOOTSTRAP_SEED = 2000, 0
@@ -36,14 +35,9 @@ def build_parser():
 
 def found_crops(faces, classes, seeds, count):
     """(uint8 aligned crops [N, 48, 48] of the faces CenterFace finds, their class names) over the scenes."""
-    detector, crops, truth = detect.load_detector("centerface"), [], []
-    for seed in seeds:
-        for scene, placed in scenes.generate(faces, count, seed):
-            found = detector(scene)
-            for i, j in scenes.match(found, placed).items():
-                crops.append(detect.face_crop(scene, found[j], align=True))
-                truth.append(classes[placed[i].index])
-    return np.stack(crops), truth
+    pairs = [pair for seed in seeds for pair in scenes.found_faces(scenes.generate(faces, count, seed))]
+    crops = [detect.face_crop(scene, face, align=True) for scene, _, face in pairs]
+    return np.stack(crops), [classes[placed.index] for _, placed, _ in pairs]
 
 
 def right(predictor, crops, truth):
@@ -80,16 +74,15 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     faces, classes = scenes.val_faces(args.data)
     crops, truth = found_crops(faces, classes, args.seeds, args.scenes)
-    hits = {}
-    for tta in dict.fromkeys([args.reference, *args.ttas]):
-        predictor = Predictor.pretrained(tta=tta)
-        hits[tta] = right(predictor, faces, classes), right(predictor, crops, truth)
+    predictors = {tta: Predictor.pretrained(tta=tta) for tta in dict.fromkeys([args.reference, *args.ttas])}
+    hits = {tta: (right(p, faces, classes), right(p, crops, truth)) for tta, p in predictors.items()}
     ref_val, ref_photos = hits[args.reference]
-    rows = {tta: {"views": len(tta_views(torch.zeros(1, 1, 48, 48), tta)),
+    rows = {tta: {"views": TTA_VIEWS[tta],
                   "val": round(100 * val.mean(), 2), "photos": round(100 * photos.mean(), 2),
                   "val_diff": difference(val, ref_val), "photos_diff": difference(photos, ref_photos)}
             for tta, (val, photos) in hits.items() if tta in args.ttas}
-    result = {"machine": machine(), "backend": f"{predictor.backend}, {predictor.about.precision}",
+    reference = predictors[args.reference]
+    result = {"machine": machine(), "backend": f"{reference.backend}, {reference.about.precision}",
               "reference": args.reference, "seeds": args.seeds, "scenes": args.scenes * len(args.seeds),
               "val_faces": len(faces), "scene_faces": len(crops), "rows": rows}
     return publish(result, markdown(result), args.out)

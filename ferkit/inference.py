@@ -42,7 +42,7 @@ from ferkit.device import autocast, pick_device, resolve_precision
 from ferkit.files import safe_filename
 from models import MODELS, build_model
 
-TTA_CHOICES, ONE_FACE_TTA = ensemble.TTA_CHOICES, ensemble.ONE_FACE_TTA
+TTA_CHOICES, TTA_VIEWS, ONE_FACE_TTA = ensemble.TTA_CHOICES, ensemble.TTA_VIEWS, ensemble.ONE_FACE_TTA
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 PRETRAINED = WEIGHTS_DIR / "ensemble.json"
 METADATA_KEY = "fer_member"  # safetensors metadata entry: JSON with the format, architecture and class list
@@ -292,7 +292,7 @@ def batched_probs(forward, images, tta="none", batch_size=128, device="cpu"):
     """Probabilities [N, C] (numpy) for uint8 images [N, 1, 48, 48]: the TTA views of batch_size // views
     images at a time go through `forward` together, one pass (views stacked), and are averaged per image.
     Batch norm runs in eval mode, so an image's answer does not depend on the others in its pass."""
-    per_pass = max(1, batch_size // len(tta_views(torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE), tta)))
+    per_pass = max(1, batch_size // TTA_VIEWS[tta])
     outputs = []
     for start in tqdm(range(0, len(images), per_pass), desc="predicting", unit="batch", leave=False,
                       disable=None if len(images) > 4 * batch_size else True):

@@ -85,6 +85,11 @@ def test_tta_probabilities_are_distributions(trained_runs, tta):
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-4)
 
 
+@pytest.mark.parametrize("tta", inference.TTA_CHOICES)
+def test_each_tta_makes_the_views_its_table_counts(tta):
+    assert len(inference.tta_views(torch.rand(2, 1, 48, 48), tta)) == inference.TTA_VIEWS[tta]
+
+
 def test_tencrop_full_views_are_the_ten_crops_then_the_whole_image_and_its_mirror():
     images = torch.rand(2, 1, 48, 48)
     crops, views = inference.tta_views(images, "tencrop"), inference.tta_views(images, "tencrop-full")
