@@ -59,9 +59,7 @@ def build_parser():
     p.add_argument("--examples", default=str(EXAMPLES_DIR), help="folder the example images are written to")
     p.add_argument("--detector", default=DEFAULT_DETECTOR, choices=DETECTORS,
                    help="centerface (five landmarks, aligned crops) or haar (OpenCV's cascade), as in predict.py")
-    p.add_argument("--backend", default="auto", choices=onnx_graph.BACKENDS,
-                   help="as in predict.py: auto runs ONNX Runtime on a CPU (the shipped ensemble as its int8 graph), "
-                        "torch on a GPU")
+    onnx_graph.add_backend_flag(p)
     cli.add_device_flags(p, batch_size=64, batch_help="faces per forward pass")
     return p
 

@@ -110,9 +110,10 @@ def backend_predictors(args, choice):
     rows = [(f"torch {precision}", Predictor.from_choice(choice, "none", "torch", args.device, precision=precision,
                                                          **options)) for precision in precisions]
     rows.append(("ONNX Runtime fp32", Predictor.from_members(choice.members, "none", backend="onnx", **options)))
-    int8 = args.onnx_int8 or (inference.checked_graph(*choice.graph) if choice.graph else None)
-    if int8:
-        rows.append(("ONNX Runtime int8", Predictor.from_onnx(int8, "none", **options)))
+    if args.onnx_int8:
+        rows.append(("ONNX Runtime int8", Predictor.from_onnx(args.onnx_int8, "none", **options)))
+    elif choice.graph:  # Predictor.from_choice on ONNX Runtime runs a recorded graph, hash-checked
+        rows.append(("ONNX Runtime int8", Predictor.from_choice(choice, "none", "onnx", **options)))
     return rows
 
 

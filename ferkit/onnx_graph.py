@@ -200,17 +200,22 @@ BACKENDS = ["auto", "onnx", "torch"]
 def add_backend_flags(parser, default="auto"):
     """--backend and --onnx, for predict.py (default auto) and evaluate.py (default torch: its report scores
     each member, which one graph of the ensemble does not give)."""
+    add_backend_flag(parser, default)
+    parser.add_argument("--onnx", default=None, metavar="PATH",
+                        help="with --backend onnx: run this ONNX file (export.py --format onnx, or onnx-int8, writes a "
+                             "scored one) instead of the chosen models' graph; unset: the chosen models' graph")
+
+
+def add_backend_flag(parser, default="auto"):
+    """--backend alone, for app.py, which serves the chosen models only."""
     choices = BACKENDS if default == "auto" else ["onnx", "torch"]
     parser.add_argument("--backend", default=default, choices=choices,
                         help="onnx: the ensemble as one ONNX graph run by ONNX Runtime on CPU: the int8 graph its "
                              "ensemble.json names (the shipped weights/ensemble-int8.onnx), else the members' fp32 "
-                             "graph, built on first use in seconds and kept in .cache/onnx/, or the file --onnx; "
+                             "graph, built on first use in seconds and kept in .cache/onnx/; "
                              "torch: the models run by PyTorch (--device and --precision apply to torch only)"
                              + ("; auto: onnx where --device resolves to the CPU, torch on a GPU" if "auto" in choices
                                 else ""))
-    parser.add_argument("--onnx", default=None, metavar="PATH",
-                        help="with --backend onnx: run this ONNX file (export.py --format onnx, or onnx-int8, writes a "
-                             "scored one) instead of the chosen models' graph; unset: the chosen models' graph")
 
 
 def check_backend_flags(backend, onnx_file, named):
