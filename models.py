@@ -5,6 +5,8 @@ No input normalisation is needed: each starts with a convolution followed by bat
 Adding an architecture is one function, `@register(epochs=N)`, that builds it for a number of classes:
 train.py's --models, `python models.py` and checkpoint loading then know it by the function's name.
 """
+from collections import OrderedDict
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -112,6 +114,81 @@ def model_z(num_classes, width=32, dropout=0.3):
     for the ensemble, deeper than both others; the longest-trained member of the 3-hour budget, whose
     ensemble gained more from its 80 epochs than from 40 (docs/results.md, ablations)."""
     return residual_network(num_classes, width, dropout, blocks=(1, 2, 2))
+
+
+# ---------------------------------------------------------------------------------------------------
+# model_a: shaped for training speed (issue #39), after airbench (Keller Jordan, github.com/KellerJordan/airbench)
+# ---------------------------------------------------------------------------------------------------
+
+WHITENING_PATCH = 3  # the whitening layer's patch side: 9 pixels, so 18 filters (each eigenvector and its negative)
+WHITENING_IMAGES = 5000  # training images whose patches estimate the covariance
+WHITENING_EPS = 5e-4  # added to the eigenvalues, relative to their mean, so the noise directions stay bounded
+LOGIT_SCALE = 1 / 9  # airbench's: without it the max-pooled features' logits grow until training stalls
+
+
+class Scale(nn.Module):
+    """Multiplies its input by a fixed factor."""
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+def conv_group(in_channels, out_channels):
+    """A 3x3 conv at the input's size, 2x2 max-pooling, then a second 3x3 conv at a quarter of the pixels,
+    each followed by batch norm and GELU: the costly conv runs where the maps are already small."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.MaxPool2d(2),
+                         nn.BatchNorm2d(out_channels), nn.GELU(),
+                         nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.GELU())
+
+
+@register(epochs=16)
+def model_a(num_classes, widths=(64, 128, 256), dropout=0.0):
+    """A frozen patch-whitening 3x3 conv (set from training patches by fit_whitening), then three conv
+    groups (48->24->12->6), global max-pooling and a linear classifier. The convs start as identities
+    (dirac) on the channels they share with their input, so the network starts close to its whitened input."""
+    whiten = nn.Conv2d(1, 2 * WHITENING_PATCH ** 2, WHITENING_PATCH, padding=WHITENING_PATCH // 2)
+    whiten.weight.requires_grad_(False)
+    layers, in_channels = [("whiten", whiten), ("whiten_act", nn.GELU())], whiten.out_channels
+    for index, out_channels in enumerate(widths):
+        layers.append((f"group{index + 1}", conv_group(in_channels, out_channels)))
+        in_channels = out_channels
+    network = nn.Sequential(OrderedDict(layers + [
+        ("pool", nn.AdaptiveMaxPool2d(1)), ("flatten", nn.Flatten()), ("dropout", nn.Dropout(dropout)),
+        ("classifier", nn.Linear(in_channels, num_classes, bias=False)), ("scale", Scale(LOGIT_SCALE))]))
+    for module in network.modules():
+        if isinstance(module, nn.Conv2d) and module is not whiten:
+            nn.init.dirac_(module.weight[:module.in_channels])
+    return network
+
+
+@register(epochs=22)
+def model_b(num_classes):  # screening only (#39)
+    return model_a(num_classes, widths=(32, 128, 256))
+
+
+def image_patches(images, side):
+    """Every side x side patch of float images [N, 1, H, W], flattened: [patches, side * side]."""
+    return images.unfold(2, side, 1).unfold(3, side, 1).reshape(-1, side * side)
+
+
+@torch.no_grad()
+def fit_whitening(model, images):
+    """Set a model's whitening conv (if it has one) from uint8 training images [N, 1, H, W]: each filter an
+    eigenvector of the patches' (uncentred) covariance scaled by the inverse square root of its eigenvalue,
+    and its negative, so the layer's outputs are decorrelated with unit variance (airbench's first layer)."""
+    whiten = getattr(model, "whiten", None)
+    if whiten is None:
+        return
+    patches = image_patches(images[:WHITENING_IMAGES].float().div(255), whiten.kernel_size[0]).double()
+    eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+    filters = eigenvectors.T / torch.sqrt(eigenvalues + WHITENING_EPS * eigenvalues.mean()).unsqueeze(1)
+    filters = filters.reshape(-1, 1, *whiten.kernel_size)
+    whiten.weight.copy_(torch.cat([filters, -filters]).to(whiten.weight))
+    whiten.bias.zero_()
 
 
 def check_known(name):

@@ -33,7 +33,7 @@ from ferkit.checkpoint import (given_flags, open_run, restore_rank_rng, resume_o
 from ferkit.device import autocast, resolve_precision
 from ferkit.files import write_atomic, write_text_atomic
 from ferkit.history import plot_curves, write_metrics
-from models import MODELS, build_model, default_epochs, describe_model
+from models import MODELS, build_model, default_epochs, describe_model, fit_whitening
 
 # Named sets of flag defaults, one per training-time budget on two CPU cores; a flag typed beside --budget
 # wins. docs/results.md gives what each bought, measured by benchmarks/accuracy.py.
@@ -213,7 +213,9 @@ def set_up(name, args, train, val, run_dir, checkpoint):
         torch.backends.cudnn.benchmark = True  # every batch is 48x48: cuDNN times its kernels once, keeps the fastest
     torch.manual_seed(args.seed)  # the same initial weights in every process
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = build_model(name, len(train.classes)).to(device, memory_format=memory_format)
+    model = build_model(name, len(train.classes))
+    fit_whitening(model, train.images)  # a resumed run's saved weights replace it
+    model = model.to(device, memory_format=memory_format)
     size = describe_model(model)
     # weights and momentum, in last.pt and best.pt, plus plots
     distributed.on_master(cli.check_writable, run_dir, size["parameters"] * 4 * 3 * 2 + 20_000_000)

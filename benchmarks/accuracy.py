@@ -8,8 +8,9 @@ checkpoints, is reused), and prints one table line per budget, naming any member
     python benchmarks/accuracy.py --budgets 20min 90min 3h    # train what is missing, evaluate, print the table
     python benchmarks/accuracy.py --skip-training              # the table from the runs already trained
     python benchmarks/accuracy.py --budgets 20min --label ls0 -- --label-smoothing 0   # an ablation line
+    python benchmarks/accuracy.py --budgets 10min --seeds 3   # seeds 0, 1, 2: accuracy as mean +- sd
 
-Runs go to --out/<budget>[-<label>]/; the table to --out/accuracy.md and accuracy.json. Each train.py
+Runs go to --out/<budget>[-<label>]/ (seed s > 0 to its seed<s>/ inside); the table to --out/accuracy.md and accuracy.json. Each train.py
 call is timed with the machine's matmul peak (in the precision train.py trains in there) measured just
 before it, because the same machine differs in speed from day to day.
 """
@@ -66,7 +67,13 @@ def recorded_calls(run_dir):
     return json.loads(path.read_text()) if path.exists() else []
 
 
-def train_member(name, budget, out, args):
+def seed_folder(root, key, seed):
+    """A line's runs for one seed: seed 0's in <key>/ (where runs were before seeds were counted), seed s's in
+    <key>/seed<s>/."""
+    return root / key if seed == 0 else root / key / f"seed{seed}"
+
+
+def train_member(name, budget, out, args, seed=0):
     """One train.py call for one member, timed, with the machine's peak measured just before it."""
     run_dir = out / name
     if finished(run_dir):
@@ -76,7 +83,7 @@ def train_member(name, budget, out, args):
     started, completed = time.perf_counter(), False
     try:
         run(["train.py", "--budget", budget, "--models", name, "--data", args.data, "--out", out, *resume,
-             *args.train_args])
+             *(["--seed", str(seed)] if seed else []), *args.train_args])
         completed = True
     finally:  # an interrupted call is recorded too: its time counts, and the next call resumes it
         calls = recorded_calls(run_dir)
@@ -151,6 +158,30 @@ def summarize(out, accuracy):
             "training_macs": sum(m["training_macs"] for m in members.values())}
 
 
+def combine_seeds(summaries):
+    """One table line from the summaries of several seeds: each accuracy the list of the seeds' (the table
+    shows mean +- standard deviation), minutes and multiply-adds their mean, every seed's commands."""
+    if len(summaries) == 1:
+        return summaries[0]
+    first = summaries[0]
+    accuracy = {name: {tta: [s["accuracy"][name][tta] for s in summaries] for tta in figures
+                       if all(tta in s["accuracy"].get(name, {}) for s in summaries)}
+                for name, figures in first["accuracy"].items()}
+    members = {name: {**member, "commands": [c for s in summaries for c in s["members"][name]["commands"]]}
+               for name, member in first["members"].items()}
+    return {"members": members, "accuracy": accuracy, "seeds": len(summaries),
+            "train_minutes": statistics.mean(s["train_minutes"] for s in summaries),
+            "peaks": sorted({tuple(p) for s in summaries for p in s["peaks"]}),
+            "training_macs": statistics.mean(s["training_macs"] for s in summaries)}
+
+
+def accuracy_text(value):
+    """'66.29%' for one run, '67.10 +- 0.40%' (mean +- standard deviation) for a list of seeds' accuracies."""
+    if isinstance(value, list):
+        return f"{100 * statistics.mean(value):.2f} ± {100 * statistics.stdev(value):.2f}%"
+    return f"{100 * value:.2f}%"
+
+
 def earlier_results(path, data):
     """The budget lines of an earlier call on the same data, kept so that measuring one budget leaves the others
     in the table."""
@@ -176,17 +207,20 @@ def markdown_table(results, data):
         members = ", ".join(f"{name} ({m['epochs']})" for name, m in r["members"].items())
         unfinished = [name for name in r.get("members_planned", []) if name not in r["members"]]
         members += f"; still training: {', '.join(unfinished)}" if unfinished else ""
+        members += f"; {r['seeds']} seeds" if r.get("seeds", 1) > 1 else ""
         peaks = peak_ranges(r["peaks"])
         ensemble = r["accuracy"]["ensemble" if "ensemble" in r["accuracy"] else next(iter(r["members"]))]
         lines.append(f"| {key} | {members} | {r['train_minutes']:.0f} | {peaks} | {r['training_macs'] / 1e15:.2f} P | "
-                     + " | ".join(f"{100 * ensemble[tta]:.2f}%" if tta in ensemble else "?" for tta in TABLE_TTAS)
+                     + " | ".join(accuracy_text(ensemble[tta]) if tta in ensemble else "?" for tta in TABLE_TTAS)
                      + " |")
     lines += ["", "train min: each member's epochs times its median epoch's seconds (validation passes not "
               "included), added up; matmul peak: the machine's matmul multiply-adds per second in the precision "
               "train.py trained in (bf16 where the CPU has native bf16 kernels, else fp32), measured before "
               "each train.py call (? where the run predates this benchmark); training multiply-adds: "
-              f"{TRAINING_PASSES} x forward multiply-adds x training images seen. Accuracy: the ensemble of "
-              "the members (the member itself for one), its weights fitted on validation.", "", "Commands:"]
+              f"{TRAINING_PASSES} x forward multiply-adds x training images seen (both the mean over seeds where "
+              "there are several). Accuracy: the ensemble of the members (the member itself for one), its "
+              "weights fitted on validation; mean ± standard deviation over seeds where there are several.",
+              "", "Commands:"]
     for key, r in results.items():
         commands = [c for m in r["members"].values() for c in m["commands"]]
         lines.append(f"- {key}: " + "; ".join(f"`{c}`" for c in commands)
@@ -203,6 +237,8 @@ def build_parser():
                         help="budgets to train and evaluate, in order")
     parser.add_argument("--label", default="", help="suffix of the run folders, for an ablation with extra flags")
     parser.add_argument("--out", default="runs/budgets", help="folder for the runs, reports and the table")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train and evaluate seeds 0 to N-1 of each budget; the table gives mean ± sd")
     parser.add_argument("--skip-training", action="store_true", help="evaluate only the runs already trained")
     parser.add_argument("train_args", nargs="*",
                         help="extra train.py flags, after --, e.g. -- --label-smoothing 0")
@@ -217,13 +253,17 @@ def main(argv=None):
     results = {}
     for budget in args.budgets:
         key = f"{budget}-{args.label}" if args.label else budget
-        out = root / key
         members = budget_members(budget, args.train_args)
-        for name in [] if args.skip_training else members:
-            train_member(name, budget, out, args)
-        done = [name for name in members if finished(out / name)]
-        if done:
-            results[key] = summarize(out, evaluate_budget(out, done, args.data))
+        summaries = []
+        for seed in range(args.seeds):
+            out = seed_folder(root, key, seed)
+            for name in [] if args.skip_training else members:
+                train_member(name, budget, out, args, seed)
+            done = [name for name in members if finished(out / name)]
+            if done and (seed == 0 or done == members):  # a seed counts once all its members are trained
+                summaries.append(summarize(out, evaluate_budget(out, done, args.data)))
+        if summaries:
+            results[key] = combine_seeds(summaries)
             results[key]["members_planned"] = members
     results = {**earlier_results(root / "accuracy.json", args.data), **results}
     results = dict(sorted(results.items(), key=lambda item: line_order(item[0])))

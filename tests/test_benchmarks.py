@@ -46,6 +46,26 @@ def test_summary_and_table_of_a_trained_budget(trained_runs):
     assert line.endswith("| 60.00% | ? |")
 
 
+def test_seeds_make_one_line_of_mean_and_spread():
+    def summary(accuracy, minutes, peak):
+        member = {"epochs": 15, "train_minutes": minutes, "peaks": [peak], "training_macs": 1e14,
+                  "commands": [f"python train.py --seed {minutes}"]}
+        return {"members": {"model_a": member}, "accuracy": {"model_a": {"none": accuracy, "flip": accuracy}},
+                "train_minutes": minutes, "peaks": [peak], "training_macs": 1e14}
+    line = accuracy.combine_seeds([summary(0.66, 9, ("bf16", 900)), summary(0.68, 11, ("bf16", 910)),
+                                   summary(0.67, 10, ("bf16", 905))])
+    assert line["seeds"] == 3 and line["train_minutes"] == 10 and line["accuracy"]["model_a"]["none"] == [0.66, 0.68, 0.67]
+    assert len(line["members"]["model_a"]["commands"]) == 3  # every seed's command
+    row = next(r for r in accuracy.markdown_table({"10min": line}, "DATA").splitlines() if r.startswith("| 10min |"))
+    assert "model_a (15); 3 seeds | 10 | 900-910 bf16 |" in row and "| 67.00 ± 1.00% | 67.00 ± 1.00% | ? | ? |" in row
+    assert accuracy.combine_seeds([summary(0.66, 9, ("bf16", 900))])["accuracy"]["model_a"]["none"] == 0.66
+
+
+def test_seed_zero_keeps_the_folder_runs_had_before_seeds(tmp_path):
+    assert accuracy.seed_folder(tmp_path, "10min", 0) == tmp_path / "10min"
+    assert accuracy.seed_folder(tmp_path, "10min", 2) == tmp_path / "10min" / "seed2"
+
+
 def test_peaks_are_shown_per_precision_and_old_records_count_as_bf16():
     old_call, new_call = {"bf16_matmul_peak_gmacs": 330}, {"matmul_peak_gmacs": 41, "matmul_precision": "fp32"}
     assert accuracy.recorded_peak(old_call) == ("bf16", 330) and accuracy.recorded_peak(new_call) == ("fp32", 41)

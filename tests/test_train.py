@@ -213,7 +213,7 @@ def test_each_model_has_its_own_epochs_unless_epochs_is_given():
     unset, given = parser.parse_args([]), parser.parse_args(["--epochs", "5"])
     defaults = {name: models.default_epochs(name) for name in models.MODELS}
     assert {name: train.with_model_epochs(unset, name).epochs for name in models.MODELS} == defaults
-    assert defaults == {"model_x": 60, "model_y": 72, "model_z": 80}  # docs/results.md
+    assert defaults == {"model_x": 60, "model_y": 72, "model_z": 80, "model_a": 16}  # docs/results.md
     assert {train.with_model_epochs(given, name).epochs for name in models.MODELS} == {5}
     assert "model_x 60, model_y 72" in " ".join(parser.format_help().split())
     # A run started with --epochs 5 and resumed without it keeps its 5, not the model's default.
@@ -304,3 +304,28 @@ def test_bf16_trains_with_finite_losses_and_predicts_like_fp32(tmp_path):
             bf16 = shipped(images).argmax(1)
     agreement = (fp32 == bf16).float().mean().item()
     assert agreement >= 0.9, f"bf16 and fp32 agree on {agreement:.0%} of top-1 predictions"
+
+
+def test_fit_whitening_decorrelates_patches_to_unit_variance():
+    """model_a's first conv, set from the images' 3x3 patches, gives outputs with no correlation between
+    channels and at most unit variance (the strongest directions exactly that; eps damps the weakest)."""
+    noise = torch.rand(300, 1, 20, 20, generator=torch.Generator().manual_seed(0))
+    images = (torch.nn.functional.avg_pool2d(noise, 3, 1) * 255).to(torch.uint8)  # neighbours correlate
+    model = models.build_model("model_a", 7)
+    models.fit_whitening(model, images)
+    with torch.no_grad():
+        outputs = torch.nn.functional.conv2d(images.float() / 255, model.whiten.weight, model.whiten.bias)
+    channels = outputs[:, :9].permute(1, 0, 2, 3).reshape(9, -1).double()
+    covariance = channels @ channels.T / channels.shape[1]
+    assert torch.allclose(covariance - torch.diag(covariance.diagonal()), torch.zeros(9, 9, dtype=torch.float64),
+                          atol=1e-3)
+    assert covariance.diagonal().max() <= 1.001 and covariance.diagonal().max() >= 0.99
+    assert torch.equal(outputs[:, 9:], -outputs[:, :9])
+    assert not model.whiten.weight.requires_grad  # frozen: training leaves it as fitted
+
+
+def test_fit_whitening_leaves_models_without_a_whitening_layer_alone():
+    model = models.build_model("model_y", 7)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    models.fit_whitening(model, torch.zeros(4, 1, 48, 48, dtype=torch.uint8))
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
