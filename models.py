@@ -145,8 +145,8 @@ def conv_group(in_channels, out_channels):
                          nn.BatchNorm2d(out_channels), nn.GELU())
 
 
-@register(epochs=16)
-def model_a(num_classes, widths=(64, 128, 256), dropout=0.0):
+@register(epochs=22)
+def model_a(num_classes, widths=(32, 128, 256), dropout=0.0):
     """A frozen patch-whitening 3x3 conv (set from training patches by fit_whitening), then three conv
     groups (48->24->12->6), global max-pooling and a linear classifier. The convs start as identities
     (dirac) on the channels they share with their input, so the network starts close to its whitened input."""
@@ -163,11 +163,6 @@ def model_a(num_classes, widths=(64, 128, 256), dropout=0.0):
         if isinstance(module, nn.Conv2d) and module is not whiten:
             nn.init.dirac_(module.weight[:module.in_channels])
     return network
-
-
-@register(epochs=22)
-def model_b(num_classes):  # screening only (#39)
-    return model_a(num_classes, widths=(32, 128, 256))
 
 
 def image_patches(images, side):
