@@ -38,6 +38,7 @@ from models import MODELS, build_model, default_epochs, describe_model, fit_whit
 # Named sets of flag defaults, one per training-time budget on two CPU cores; a flag typed beside --budget
 # wins. docs/results.md gives what each bought, measured by benchmarks/accuracy.py.
 BUDGETS = {
+    "10min": {"models": ["model_a"], "epochs": 19, "lr": 0.1},
     "20min": {"models": ["model_y"], "epochs": 36},
     "45min": {"models": ["model_y"]},
     "90min": {},  # the defaults below

@@ -224,6 +224,7 @@ def test_each_model_has_its_own_epochs_unless_epochs_is_given():
 
 def test_a_budget_sets_defaults_that_typed_flags_override():
     assert train.parse_args(["--budget", "20min"])[1].models == ["model_y"]
+    assert train.parse_args(["--budget", "10min"])[1].models == ["model_a"]
     assert train.with_model_epochs(train.parse_args(["--budget", "20min"])[1], "model_y").epochs == 36
     assert train.parse_args(["--budget", "20min", "--epochs", "5"])[1].epochs == 5
     assert train.parse_args(["--budget", "20min", "--models", "model_x"])[1].models == ["model_x"]
