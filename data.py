@@ -458,7 +458,7 @@ def load_train_val(source, cache_dir=None, threads=None):
 
 # train.py's defaults for its augmentation flags (README, "Accuracy", says what they were chosen on).
 AUGMENTATION_DEFAULTS = dict(hflip=0.5, vflip=0.0, rotation=10.0, crop_scale=0.8, brightness=0.2, contrast=0.2,
-                             erasing=0.25)
+                             erasing=0.25, train_size=None)
 
 
 def augmentation_settings(args):
@@ -470,14 +470,15 @@ def uniform(low, high, size, generator, device):
     return low + (high - low) * torch.rand(size, generator=generator, device=device)
 
 
-def random_affine(batch, generator, hflip, vflip, rotation, crop_scale):
-    """[B, 2, 3] matrices mapping output to input coordinates in [-1, 1]."""
+def random_affine(batch, generator, hflip, vflip, rotation, crop_scale, window=1.0):
+    """[B, 2, 3] matrices mapping output to input coordinates in [-1, 1]. window < 1: the output is a random
+    window of that fraction of the side, cut from the crop at the scale a full-size output would have."""
     device = generator.device
     area = uniform(crop_scale, 1.0, batch, generator, device)
     max_log_ratio = math.log(4 / 3) if crop_scale < 1 else 0.0  # no crop: keep the aspect ratio too
     log_ratio = uniform(-max_log_ratio, max_log_ratio, batch, generator, device)
-    width = torch.sqrt(area * log_ratio.exp()).clamp(max=1.0)
-    height = torch.sqrt(area / log_ratio.exp()).clamp(max=1.0)
+    width = torch.sqrt(area * log_ratio.exp()).clamp(max=1.0) * window
+    height = torch.sqrt(area / log_ratio.exp()).clamp(max=1.0) * window
     center_x = uniform(-1.0, 1.0, batch, generator, device) * (1 - width)
     center_y = uniform(-1.0, 1.0, batch, generator, device) * (1 - height)
     angle = torch.deg2rad(uniform(-rotation, rotation, batch, generator, device))
@@ -512,17 +513,21 @@ def random_erasing(images, generator, probability, area=(0.02, 0.25), log_ratio=
 def augment_batch(images, generator, hflip=AUGMENTATION_DEFAULTS["hflip"], vflip=AUGMENTATION_DEFAULTS["vflip"],
                   rotation=AUGMENTATION_DEFAULTS["rotation"], crop_scale=AUGMENTATION_DEFAULTS["crop_scale"],
                   brightness=AUGMENTATION_DEFAULTS["brightness"], contrast=AUGMENTATION_DEFAULTS["contrast"],
-                  erasing=AUGMENTATION_DEFAULTS["erasing"]):
-    """Augment float images [B, 1, H, W] in [0, 1]; returns a new tensor of the same shape and range.
+                  erasing=AUGMENTATION_DEFAULTS["erasing"], train_size=AUGMENTATION_DEFAULTS["train_size"]):
+    """Augment float images [B, 1, H, W] in [0, 1]; returns a new tensor in the same range, of the same shape
+    or, with train_size, [B, 1, train_size, train_size].
 
     hflip, vflip, erasing: probabilities per image. rotation: maximum degrees either way.
     crop_scale: smallest area fraction kept by the random resized crop (1 = no crop).
     brightness, contrast: maximum relative change either way (0 = off).
+    train_size: the side of a random square window of the augmented image, at its scale (None = the whole).
     """
-    batch = images.shape[0]
-    if hflip or vflip or rotation or crop_scale < 1:
-        theta = random_affine(batch, generator, hflip, vflip, rotation, crop_scale)
-        grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    batch, channels, rows, cols = images.shape
+    side = train_size or rows
+    if hflip or vflip or rotation or crop_scale < 1 or side != rows:
+        theta = random_affine(batch, generator, hflip, vflip, rotation, crop_scale, window=side / rows)
+        grid = F.affine_grid(theta.to(images.dtype), [batch, channels, side, side * cols // rows],
+                             align_corners=False)
         images = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if brightness or contrast:
         shape = (batch, 1, 1, 1)

@@ -2,7 +2,8 @@
 
 Every network takes a batch of 1x48x48 grayscale faces scaled to [0, 1] and returns class logits.
 No input normalisation is needed: each starts with a convolution followed by batch norm.
-Adding an architecture is one function, `@register(epochs=N)`, that builds it for a number of classes:
+Adding an architecture is one function, `@register(epochs=N)` (and `lr=` where it trains best at another
+learning rate), that builds it for a number of classes:
 train.py's --models, `python models.py` and checkpoint loading then know it by the function's name.
 """
 from collections import OrderedDict
@@ -11,15 +12,16 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-# Every architecture by name, in registration order: (function(num_classes) -> network, default --epochs).
+# Every architecture by name, in registration order: (function(num_classes) -> network, its defaults of
+# train.py's --epochs and --lr).
 MODELS = {}
 
 
-def register(epochs):
-    """A decorator adding its function to MODELS under the function's name, trained for `epochs`
-    epochs unless --epochs says otherwise."""
+def register(epochs, lr=0.03):
+    """A decorator adding its function to MODELS under the function's name, trained for `epochs` epochs
+    from the learning rate `lr` unless --epochs and --lr say otherwise."""
     def add(build):
-        MODELS[build.__name__] = (build, epochs)
+        MODELS[build.__name__] = (build, {"epochs": epochs, "lr": lr})
         return build
     return add
 
@@ -145,7 +147,7 @@ def conv_group(in_channels, out_channels):
                          nn.BatchNorm2d(out_channels), nn.GELU())
 
 
-@register(epochs=22)
+@register(epochs=22, lr=0.1)
 def model_a(num_classes, widths=(32, 128, 256), dropout=0.0):
     """A frozen patch-whitening 3x3 conv (set from training patches by fit_whitening), then three conv
     groups (48->24->12->6), global max-pooling and a linear classifier. The convs start as identities
@@ -196,10 +198,10 @@ def build_model(name, num_classes):
     return MODELS[name][0](num_classes)
 
 
-def default_epochs(name):
-    """The epochs `name` trains for when --epochs is not given."""
+def training_defaults(name):
+    """{"epochs": ..., "lr": ...}: what `name` trains with when --epochs and --lr are not given."""
     check_known(name)
-    return MODELS[name][1]
+    return dict(MODELS[name][1])
 
 
 def describe_model(model):
@@ -216,12 +218,14 @@ def describe_model(model):
 
 
 def size_table(num_classes=7):
-    """A markdown table of every registered model's parameters, multiply-adds per image and default epochs."""
-    lines = ["| model | parameters | multiply-adds per 48x48 image | default epochs |", "| --- | ---: | ---: | ---: |"]
+    """A markdown table of every registered model's parameters, multiply-adds per image, default epochs and
+    learning rate."""
+    lines = ["| model | parameters | multiply-adds per 48x48 image | default epochs | default lr |",
+             "| --- | ---: | ---: | ---: | ---: |"]
     for name in MODELS:
         size = describe_model(build_model(name, num_classes))
         lines.append(f"| {name} | {size['parameters'] / 1e6:.2f} M | {size['macs'] / 1e6:.0f} M | "
-                     f"{default_epochs(name)} |")
+                     f"{training_defaults(name)['epochs']} | {training_defaults(name)['lr']} |")
     return "\n".join(lines)
 
 

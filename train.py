@@ -33,12 +33,12 @@ from ferkit.checkpoint import (given_flags, open_run, restore_rank_rng, resume_o
 from ferkit.device import autocast, resolve_precision
 from ferkit.files import write_atomic, write_text_atomic
 from ferkit.history import plot_curves, write_metrics
-from models import MODELS, build_model, default_epochs, describe_model, fit_whitening
+from models import MODELS, build_model, describe_model, fit_whitening, training_defaults
 
 # Named sets of flag defaults, one per training-time budget on two CPU cores; a flag typed beside --budget
 # wins. docs/results.md gives what each bought, measured by benchmarks/accuracy.py.
 BUDGETS = {
-    "10min": {"models": ["model_a"], "epochs": 19, "lr": 0.1},
+    "10min": {"models": ["model_a"], "epochs": 19},
     "20min": {"models": ["model_y"], "epochs": 36},
     "45min": {"models": ["model_y"]},
     "90min": {},  # the defaults below
@@ -74,7 +74,7 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true", help="replace an existing run instead of refusing")
     p.add_argument("--epochs", type=cli.positive(int), default=None,
                    help="maximum epochs, for every model trained; None: each model's own, "
-                        + ", ".join(f"{name} {default_epochs(name)}" for name in MODELS))
+                        + ", ".join(f"{name} {training_defaults(name)['epochs']}" for name in MODELS))
     add_optimizer_flags(p)
     add_augmentation_flags(p)
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same run")
@@ -92,7 +92,9 @@ def build_parser():
 
 def add_optimizer_flags(p):
     """SGD's, the loss's and the learning-rate schedule's flags."""
-    p.add_argument("--lr", type=cli.positive(float), default=0.03, help="initial SGD learning rate")
+    p.add_argument("--lr", type=cli.positive(float), default=None,
+                   help="initial SGD learning rate, for every model trained; None: each model's own, "
+                        + ", ".join(f"{name} {training_defaults(name)['lr']}" for name in MODELS))
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True, help="Nesterov momentum")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
@@ -125,6 +127,10 @@ def add_augmentation_flags(p):
     p.add_argument("--contrast", type=cli.probability, default=defaults["contrast"],
                    help="maximum relative contrast change")
     p.add_argument("--erasing", type=cli.probability, default=defaults["erasing"], help="random erasing probability")
+    p.add_argument("--train-size", type=cli.positive(int), default=defaults["train_size"],
+                   help="train on random windows of this many pixels a side, cut at the images' scale (validation "
+                        "and test keep the whole image); fewer pixels, faster epochs. None: the whole image. "
+                        "For networks that pool globally (not model_x)")
 
 
 def parse_args(argv=None):
@@ -134,10 +140,12 @@ def parse_args(argv=None):
     return parser, parser.parse_args(argv)
 
 
-def with_model_epochs(args, name):
-    """`args` with --epochs set: as given (or saved in the resumed run, or set by --budget), else the
-    model's default."""
-    return argparse.Namespace(**{**vars(args), "epochs": args.epochs or default_epochs(name)})
+def with_model_defaults(args, name):
+    """`args` with --epochs and --lr set: as given (or saved in the resumed run, or set by --budget), else
+    the model's defaults."""
+    settings = vars(args)
+    return argparse.Namespace(**{**settings, **{key: value for key, value in training_defaults(name).items()
+                                                if settings[key] is None}})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -203,6 +211,18 @@ def step_scheduler(scheduler, args, val_loss):
         scheduler.step(val_loss)
     else:
         scheduler.step()
+
+
+def check_train_size(model, name, side):
+    """Refuse a --train-size window that the network cannot take (one with a fixed-size classifier)."""
+    if side is None:
+        return
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 1, side, side))
+    except RuntimeError as error:
+        raise SystemExit(f"{name} cannot train on {side}x{side} windows (--train-size {side}): {error}. "
+                         "Leave --train-size unset, or choose a model that pools globally.") from None
 
 
 def set_up(name, args, train, val, run_dir, checkpoint):
@@ -492,7 +512,8 @@ def checked_run(name, args, given, invocation, train):
     # Rank 0 reads the run folder (perhaps on its disk only) and hands the checkpoint to every process.
     checkpoint = distributed.on_master(open_run, name, args, train.classes, run_dir)
     config = resumed_config(args, given, checkpoint) if checkpoint else args
-    config = with_provenance(with_model_epochs(config, name), checkpoint, invocation)
+    config = with_provenance(with_model_defaults(config, name), checkpoint, invocation)
+    check_train_size(build_model(name, len(train.classes)), name, config.train_size)
     device = distributed.device_for(config.device)
     distributed.check_launch(config.batch_size, config.sync_bn, device, len(train.labels))
     return run_dir, checkpoint, config

@@ -26,6 +26,7 @@ from pathlib import Path
 from common import CPU_PRECISION, ROOT, machine, matmul_peak, peak_text
 
 sys.path.insert(0, str(ROOT))
+from data import IMAGE_SIZE  # noqa: E402
 from train import BUDGETS, parse_args  # noqa: E402
 
 TABLE_TTAS = ["none", "flip", "tencrop", "tencrop-full"]  # the budget table's columns (evaluate.py --tta)
@@ -111,6 +112,13 @@ def peak_ranges(peaks):
                      for precision, v in sorted(by_precision.items())) or "?"
 
 
+def training_image_macs(config):
+    """Forward multiply-adds of one training image: the whole image's, or its --train-size window's (the
+    convolutions' work scales with the pixels)."""
+    side = config.get("train_size") or IMAGE_SIZE
+    return config["size"]["macs"] * side ** 2 / IMAGE_SIZE ** 2
+
+
 def member_summary(run_dir):
     """Epochs, training minutes, training multiply-adds and train.py commands of one member. The minutes
     are the epochs times the median epoch's seconds, which a few epochs slowed by other work on the machine
@@ -121,7 +129,7 @@ def member_summary(run_dir):
     commands = config.get("commands", ["(not recorded: the run predates train.py recording it)"])
     return {"epochs": len(rows), "train_minutes": len(rows) * statistics.median(seconds) / 60,
             "peaks": sorted({recorded_peak(c) for c in recorded_calls(run_dir)}),
-            "training_macs": TRAINING_PASSES * config["size"]["macs"] * images,
+            "training_macs": TRAINING_PASSES * training_image_macs(config) * images,
             "commands": list(dict.fromkeys(commands))}  # a run resumed twice the same way: its command once
 
 

@@ -184,6 +184,16 @@ def test_augmentation_off_is_identity_and_flip_flips():
     assert torch.allclose(flipped, images.flip(-1), atol=1e-5)
 
 
+def test_train_size_cuts_a_window_at_the_images_scale():
+    ramp = torch.arange(48.0).div(47).expand(4, 1, 48, 48)  # brightness rises one step a pixel, left to right
+    off = dict(hflip=0, vflip=0, rotation=0, crop_scale=1, brightness=0, contrast=0, erasing=0)
+    window = data.augment_batch(ramp, torch.Generator().manual_seed(0), train_size=40, **off)
+    assert window.shape == (4, 1, 40, 40)
+    assert torch.allclose(window.diff(dim=-1), torch.tensor(1 / 47), atol=1e-5)  # not resized: the same slope
+    starts = window[:, 0, 0, 0] * 47
+    assert starts.min() >= 0 and starts.max() <= 8 and len(set(starts.tolist())) > 1  # random places inside
+
+
 def test_real_fer2013_images(tmp_path):
     if not SHARED_FER.is_dir():
         pytest.skip("../shared/data/fer2013 is not here (a fresh clone has no shared data)")

@@ -1,6 +1,7 @@
 """models.py and train.py: shapes, the registry, a short real training run, checkpoints, resume."""
 import csv
 import itertools
+import json
 import math
 
 import pytest
@@ -208,24 +209,29 @@ def test_resume_with_more_epochs_stretches_the_cosine_decay(tmp_path):
     assert rates[-1] >= 0.001
 
 
-def test_each_model_has_its_own_epochs_unless_epochs_is_given():
+def test_each_model_has_its_own_epochs_and_lr_unless_they_are_given():
     parser = train.build_parser()
-    unset, given = parser.parse_args([]), parser.parse_args(["--epochs", "5"])
-    defaults = {name: models.default_epochs(name) for name in models.MODELS}
-    assert {name: train.with_model_epochs(unset, name).epochs for name in models.MODELS} == defaults
-    assert defaults == {"model_x": 60, "model_y": 72, "model_z": 80, "model_a": 22}  # docs/results.md
-    assert {train.with_model_epochs(given, name).epochs for name in models.MODELS} == {5}
-    assert "model_x 60, model_y 72" in " ".join(parser.format_help().split())
+    unset, given = parser.parse_args([]), parser.parse_args(["--epochs", "5", "--lr", "0.2"])
+    defaults = {name: models.training_defaults(name) for name in models.MODELS}
+    assert {name: vars(train.with_model_defaults(unset, name)) for name in models.MODELS} == {
+        name: {**vars(unset), **defaults[name]} for name in models.MODELS}
+    assert {name: defaults[name]["epochs"] for name in models.MODELS} == {  # docs/results.md
+        "model_x": 60, "model_y": 72, "model_z": 80, "model_a": 22}
+    assert defaults["model_a"]["lr"] == 0.1 and defaults["model_x"]["lr"] == 0.03
+    assert {(train.with_model_defaults(given, name).epochs, train.with_model_defaults(given, name).lr)
+            for name in models.MODELS} == {(5, 0.2)}
+    help_text = " ".join(parser.format_help().split())
+    assert "model_x 60, model_y 72" in help_text and "model_x 0.03" in help_text and "model_a 0.1" in help_text
     # A run started with --epochs 5 and resumed without it keeps its 5, not the model's default.
     resumed = resumed_config(parser.parse_args(["--resume"]), given_flags(parser, ["--resume"]),
                                     {"config": vars(given)})
-    assert train.with_model_epochs(resumed, "model_y").epochs == 5
+    assert train.with_model_defaults(resumed, "model_y").epochs == 5
 
 
 def test_a_budget_sets_defaults_that_typed_flags_override():
     assert train.parse_args(["--budget", "20min"])[1].models == ["model_y"]
     assert train.parse_args(["--budget", "10min"])[1].models == ["model_a"]
-    assert train.with_model_epochs(train.parse_args(["--budget", "20min"])[1], "model_y").epochs == 36
+    assert train.with_model_defaults(train.parse_args(["--budget", "20min"])[1], "model_y").epochs == 36
     assert train.parse_args(["--budget", "20min", "--epochs", "5"])[1].epochs == 5
     assert train.parse_args(["--budget", "20min", "--models", "model_x"])[1].models == ["model_x"]
     assert train.parse_args([])[1].models == ["model_x", "model_y"]  # the 90-minute default
@@ -239,11 +245,11 @@ def test_given_flags_are_told_apart_from_defaults_by_parsing():
     argv = ["--resume", "--lr", "0.03", "--no-nesterov", "--models", "model_y", "--batch-size", "128"]
     assert given_flags(parser, argv) == {"resume", "lr", "nesterov", "models", "batch_size"}
     assert given_flags(parser, []) == set()
-    assert parser.parse_args([]).lr == 0.03  # the probe's missing defaults do not leak into the parser
+    assert parser.parse_args([]).batch_size == 128  # the probe's missing defaults do not leak into the parser
 
 
 def test_a_flag_given_with_resume_wins_even_at_its_default_value(tmp_path):
-    # Saved with --lr 0.01 (QUICK_TRAINING); 0.03 is the parser's default, given explicitly. Plateau:
+    # Saved with --lr 0.01 (QUICK_TRAINING); 0.03 is model_x's default, given explicitly. Plateau:
     # the rate stays where it is set for the resumed epoch, so the optimizer shows it.
     run_dir = run(tmp_path, "--schedule", "plateau", epochs=1, data="synthetic:5")
     train.main(["--resume", "--out", str(tmp_path), "--models", "model_x", "--epochs", "2", "--lr", "0.03"])
@@ -271,7 +277,7 @@ def test_a_registered_architecture_is_one_function(tmp_path, monkeypatch, capsys
         return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=4), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
                                    torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, num_classes))
 
-    assert models.default_epochs("tiny") == 2 and "| tiny |" in models.size_table()
+    assert models.training_defaults("tiny") == {"epochs": 2, "lr": 0.03} and "| tiny |" in models.size_table()
     # argparse's --models choices and --epochs help are read from the registry when the parser is built.
     assert "tiny 2" in " ".join(train.build_parser().format_help().split())
     train.main(["--data", "synthetic:5", "--out", str(tmp_path), "--models", "tiny", *QUICK_TRAINING])
@@ -330,3 +336,11 @@ def test_fit_whitening_leaves_models_without_a_whitening_layer_alone():
     before = {key: value.clone() for key, value in model.state_dict().items()}
     models.fit_whitening(model, torch.zeros(4, 1, 48, 48, dtype=torch.uint8))
     assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+
+
+def test_train_size_trains_on_windows_and_refuses_a_fixed_size_classifier(tmp_path, capsys):
+    run_dir = run(tmp_path, "--train-size", "40", data="synthetic:5", models_=("model_y",))
+    assert json.loads((run_dir / "config.json").read_text())["train_size"] == 40
+    assert len(learning_rates(run_dir)) == 1
+    with pytest.raises(SystemExit, match="--train-size 40"):  # model_x's classifier takes 3x3 maps of 48x48
+        run(tmp_path / "x", "--train-size", "40", data="synthetic:5", models_=("model_x",))
