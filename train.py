@@ -214,9 +214,13 @@ def step_scheduler(scheduler, args, val_loss):
 
 
 def check_train_size(model, name, side):
-    """Refuse a --train-size window that the network cannot take (one with a fixed-size classifier)."""
+    """Refuse a --train-size window larger than the images, or one that the network cannot take (one with a
+    fixed-size classifier)."""
     if side is None:
         return
+    if side > data.IMAGE_SIZE:
+        raise SystemExit(f"--train-size {side} is larger than the {data.IMAGE_SIZE}x{data.IMAGE_SIZE} images; "
+                         f"choose at most {data.IMAGE_SIZE}.")
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, 1, side, side))

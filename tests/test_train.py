@@ -346,3 +346,5 @@ def test_train_size_trains_on_windows_and_refuses_a_fixed_size_classifier(tmp_pa
     assert len(learning_rates(run_dir)) == 1
     with pytest.raises(SystemExit, match="--train-size 40"):  # model_x's classifier takes 3x3 maps of 48x48
         run(tmp_path / "x", "--train-size", "40", data="synthetic:5", models_=("model_x",))
+    with pytest.raises(SystemExit, match="larger than the 48x48 images"):
+        run(tmp_path / "y", "--train-size", "60", data="synthetic:5", models_=("model_y",))
