@@ -204,16 +204,19 @@ def training_defaults(name):
     return dict(MODELS[name][1])
 
 
-def describe_model(model):
-    """Parameter count and multiply-adds for one 1x48x48 image, measured by torch's FLOP counter."""
+def describe_model(model, side=48):
+    """Parameter count and multiply-adds for one 1 x side x side image, measured by torch's FLOP counter
+    (a RuntimeError where the network cannot take that size)."""
     params = sum(p.numel() for p in model.parameters())
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
     device = next(model.parameters()).device
     with counter, torch.no_grad():
-        model(torch.zeros(1, 1, 48, 48, device=device))
-    model.train(was_training)
+        try:
+            model(torch.zeros(1, 1, side, side, device=device))
+        finally:
+            model.train(was_training)
     return {"parameters": params, "macs": counter.get_total_flops() // 2}
 
 
@@ -223,9 +226,9 @@ def size_table(num_classes=7):
     lines = ["| model | parameters | multiply-adds per 48x48 image | default epochs | default lr |",
              "| --- | ---: | ---: | ---: | ---: |"]
     for name in MODELS:
-        size = describe_model(build_model(name, num_classes))
+        size, defaults = describe_model(build_model(name, num_classes)), training_defaults(name)
         lines.append(f"| {name} | {size['parameters'] / 1e6:.2f} M | {size['macs'] / 1e6:.0f} M | "
-                     f"{training_defaults(name)['epochs']} | {training_defaults(name)['lr']} |")
+                     f"{defaults['epochs']} | {defaults['lr']} |")
     return "\n".join(lines)
 
 

@@ -222,8 +222,7 @@ def check_train_size(model, name, side):
         raise SystemExit(f"--train-size {side} is larger than the {data.IMAGE_SIZE}x{data.IMAGE_SIZE} images; "
                          f"choose at most {data.IMAGE_SIZE}.")
     try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, 1, side, side))
+        describe_model(model, side)
     except RuntimeError as error:
         raise SystemExit(f"{name} cannot train on {side}x{side} windows (--train-size {side}): {error}. "
                          "Leave --train-size unset, or choose a model that pools globally.") from None

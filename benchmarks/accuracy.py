@@ -26,7 +26,7 @@ from pathlib import Path
 from common import CPU_PRECISION, ROOT, machine, matmul_peak, peak_text
 
 sys.path.insert(0, str(ROOT))
-from data import IMAGE_SIZE  # noqa: E402
+from models import build_model, describe_model  # noqa: E402
 from train import BUDGETS, parse_args  # noqa: E402
 
 TABLE_TTAS = ["none", "flip", "tencrop", "tencrop-full"]  # the budget table's columns (evaluate.py --tta)
@@ -113,10 +113,12 @@ def peak_ranges(peaks):
 
 
 def training_image_macs(config):
-    """Forward multiply-adds of one training image: the whole image's, or its --train-size window's (the
-    convolutions' work scales with the pixels)."""
-    side = config.get("train_size") or IMAGE_SIZE
-    return config["size"]["macs"] * side ** 2 / IMAGE_SIZE ** 2
+    """Forward multiply-adds of one training image: the whole image's, as train.py recorded them, or those of
+    its --train-size window, measured on the model rebuilt."""
+    side = config.get("train_size")
+    if not side:
+        return config["size"]["macs"]
+    return describe_model(build_model(config["model_name"], len(config["classes"])), side)["macs"]
 
 
 def member_summary(run_dir):
